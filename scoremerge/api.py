@@ -1,0 +1,169 @@
+"""The public API: task_vectors, merge_task_vectors, merge, methods."""
+import torch
+from tqdm.auto import tqdm
+
+from . import ref
+from .backend import requested
+from .errors import MergeInputError
+from .kernels.torch.cores import parallel_map
+from .methods import all_methods, get
+from .methods.routing import excluded, routes_to_matrix, shape_groups
+from .validate import check_models, exclude_patterns
+
+COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def methods():
+    """Every registered method by name: kind, summary, paper, and its options with defaults
+    (`methods()["ties"].defaults == {"density": 0.2, "scope": "global"}`)."""
+    return all_methods()
+
+
+def task_vectors(base, experts):
+    """tau_t = expert_t - base for every floating-point key, in float32 or wider (a bf16 or fp16
+    difference would round away most of a fine-tuning update). Integer keys are left out."""
+    experts = list(experts)
+    _check_base_and_experts(base, experts)
+    return _task_vectors(base, experts)
+
+
+def merge_task_vectors(task_vectors, method="score", *, exclude=(), backend="auto", device=None,
+                       dtype=None, progress=False, **options):
+    """Merge T task vectors (dicts key -> float tensor, same keys and shapes) into one.
+
+    method: a name from methods(); options: that method's options (methods()[name].defaults).
+    exclude: regular expressions; matching keys take the mean path (ALGORITHMS.md).
+    backend: auto | cuda | triton | torch, or "reference" for scoremerge.ref's per-key loops.
+    device: where to compute (inputs may live anywhere); results come back on the inputs' device.
+    dtype: compute dtype, float32 (default) or float64 (default when any input is float64).
+    Returns {key: merged task vector}, each key in its input dtype.
+
+    >>> tau = merge_task_vectors([tv1, tv2, tv3], "score", variant="diag")
+    """
+    tvs = list(task_vectors)
+    spec, opts = _method_and_options(method, options, len(tvs))
+    check_models(tvs, [f"task vector {i}" for i in range(len(tvs))], floating_only=True)
+    return _merge(tvs, spec, opts, exclude_patterns(exclude), backend, device, dtype, progress)
+
+
+def merge(base, experts, method="score", *, alpha=1.0, exclude=(), backend="auto", device=None,
+          dtype=None, progress=False, **options):
+    """The merged model base + alpha * merge_task_vectors(task_vectors(base, experts), ...).
+
+    Floating-point keys come back in the base's dtype; other keys are copied from the base.
+
+    >>> merged = merge(base, [expert1, expert2, expert3], "score", alpha=1.0)
+    """
+    experts = list(experts)
+    spec, opts = _method_and_options(method, options, len(experts))
+    _check_base_and_experts(base, experts)
+    try:
+        alpha = float(alpha)
+    except (TypeError, ValueError):
+        raise MergeInputError(f"alpha must be a number, got {alpha!r}") from None
+    if not torch.isfinite(torch.tensor(alpha)):
+        raise MergeInputError(f"alpha must be finite, got {alpha}")
+    taus = _merge(_task_vectors(base, experts), spec, opts, exclude_patterns(exclude), backend,
+                  device, dtype, progress)
+    out = {}
+    for key, b in base.items():
+        if key in taus:
+            cdtype = taus[key].dtype
+            out[key] = torch.add(b.to(cdtype), taus[key], alpha=alpha).to(b.dtype)
+        else:
+            out[key] = b.clone()
+    return out
+
+
+def _check_base_and_experts(base, experts):
+    if not experts:
+        raise MergeInputError("no experts given: merging needs at least one fine-tuned model")
+    check_models([base] + experts, ["the base"] + [f"expert {i}" for i in range(len(experts))])
+
+
+def _task_vectors(base, experts):
+    out = [{} for _ in experts]
+    for key, b in base.items():
+        if not b.is_floating_point():
+            continue
+        for tv, expert in zip(out, experts):
+            dtype = torch.promote_types(torch.promote_types(b.dtype, expert[key].dtype), torch.float32)
+            tv[key] = expert[key].to(dtype) - b.to(device=expert[key].device, dtype=dtype)
+    return out
+
+
+def _method_and_options(method, options, n_tasks):
+    spec = get(method)
+    opts = spec.parse_options(options)
+    if n_tasks < spec.min_tasks:
+        raise MergeInputError(f"method {method!r} needs at least {spec.min_tasks} expert(s) / task "
+                              f"vector(s), got {n_tasks}")
+    return spec, opts
+
+
+def _compute_dtype(dtype, tvs):
+    if dtype is None:
+        wide = any(x.dtype == torch.float64 for tv in tvs for x in tv.values())
+        return torch.float64 if wide else torch.float32
+    resolved = COMPUTE_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if resolved not in COMPUTE_DTYPES.values():
+        raise MergeInputError(f"compute dtype must be float32 or float64, got {dtype!r}")
+    return resolved
+
+
+def _merge(tvs, spec, opts, exclude, backend, device, dtype, progress):
+    """Merge validated task vectors: matrix groups batched by shape, the rest per the method."""
+    cdtype = _compute_dtype(dtype, tvs)
+    first = tvs[0]
+    home = next(iter(first.values())).device if first else torch.device("cpu")
+    device = torch.device(device) if device is not None else home
+    keys = list(first)
+
+    def stacked(key):
+        return torch.stack([tv[key].to(device=device, dtype=cdtype) for tv in tvs])
+
+    def store(key, value):
+        out[key] = value.to(device=home, dtype=first[key].dtype)
+
+    if backend == "reference":
+        merged = ref.merge_task_vectors([{k: tv[k].to(device, cdtype) for k in keys} for tv in tvs],
+                                        spec.name, exclude=exclude, **opts)
+        out = {}
+        for key in keys:
+            store(key, merged[key])
+        return out
+    backend = requested(backend)
+    out = {}
+    bar = tqdm(total=len(keys), desc=f"merge ({spec.name})", unit="key", disable=not progress)
+    T = len(tvs)
+    if spec.kind == "matrix":
+        shapes = {k: tuple(first[k].shape) for k in keys}
+        groups = shape_groups(shapes, T, exclude, cdtype.itemsize,
+                              min_chunks=torch.get_num_threads() if device.type == "cpu" else 1)
+
+        def merge_group(group):
+            merged = spec.fn(torch.stack([stacked(k) for k in group]), backend=backend, **opts)
+            for key, value in zip(group, merged):
+                store(key, value)
+            bar.update(len(group))
+
+        if device.type == "cpu":
+            parallel_map(merge_group, groups)
+        else:
+            for group in groups:
+                merge_group(group)
+        rest = [k for k in keys if not routes_to_matrix(shapes[k], k, T, exclude)]
+        for key in rest:
+            store(key, stacked(key).mean(dim=0))
+            bar.update(1)
+    else:
+        chosen = [k for k in keys if not excluded(k, exclude)]
+        for key, value in spec.fn({k: stacked(k) for k in chosen}, **opts).items():
+            store(key, value)
+        bar.update(len(chosen))
+        for key in keys:
+            if key not in out:
+                store(key, stacked(key).mean(dim=0))
+                bar.update(1)
+    bar.close()
+    return {key: out[key] for key in keys}

@@ -1,0 +1,121 @@
+"""The command line: scoremerge merge | methods | example."""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import api
+from .backend import BACKENDS
+from .errors import BackendUnavailableError, MergeInputError
+from .io import check_writable, load_state_dict, parse_size, save_state_dict
+from .io.read import INDEX_FILES, SINGLE_FILES
+from .methods import get
+from .validate import check_models
+
+# Files of a base model folder copied beside the merged weights (configs, tokenizers).
+_COPIED_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".py")
+
+
+def main(argv=None):
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (MergeInputError, BackendUnavailableError) as e:
+        print(f"scoremerge: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="scoremerge", description="Merge fine-tuned models.")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    m = sub.add_parser("merge", help="merge experts fine-tuned from one base model")
+    m.add_argument("--base", required=True, help="base model: .safetensors, .pt/.bin, or HF folder")
+    m.add_argument("--experts", required=True, nargs="+", help="fine-tuned models, same format")
+    m.add_argument("--method", default="score", help="merge method (see `scoremerge methods`)")
+    m.add_argument("--alpha", default=1.0, type=float, help="merged = base + alpha * tau")
+    m.add_argument("--exclude", nargs="*", default=[], metavar="PATTERN",
+                   help="regular expressions; matching keys take the mean path")
+    m.add_argument("--option", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="method options, e.g. variant=diag trim_multiplier=2.5")
+    m.add_argument("--device", default=None, help="where to compute: cpu, cuda, cuda:1")
+    m.add_argument("--dtype", default=None, choices=sorted(api.COMPUTE_DTYPES),
+                   help="compute dtype (outputs keep the base's dtypes)")
+    m.add_argument("--backend", default="auto", choices=BACKENDS + ("reference",))
+    m.add_argument("--max-shard-size", default="5GB", help="shard the output above this size")
+    m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m.add_argument("--out", required=True, help="output folder (HF layout, safetensors)")
+    m.set_defaults(run=_merge)
+
+    ls = sub.add_parser("methods", help="list merge methods with their options")
+    ls.set_defaults(run=_methods)
+
+    ex = sub.add_parser("example", help="write small checkpoints, merge them with every method")
+    ex.add_argument("--out", default="runs/example", help="folder for checkpoints and merges")
+    ex.add_argument("--seed", default=0, type=int)
+    ex.set_defaults(run=_example)
+    return parser
+
+
+def _parse_options(pairs):
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise MergeInputError(f"--option {pair!r} is not KEY=VALUE")
+        options[key] = value
+    return options
+
+
+def _merge(args):
+    spec = get(args.method)
+    options = spec.parse_options(_parse_options(args.option))
+    parse_size(args.max_shard_size)
+    check_writable(args.out, args.overwrite)
+    paths = [args.base] + list(args.experts)
+    models = [load_state_dict(p) for p in paths]
+    check_models(models, [f"{'base' if i == 0 else 'expert'} {p}" for i, p in enumerate(paths)])
+    start = time.perf_counter()
+    merged = api.merge(models[0], models[1:], spec.name, alpha=args.alpha, exclude=args.exclude,
+                       backend=args.backend, device=args.device, dtype=args.dtype,
+                       progress=not args.no_progress, **options)
+    seconds = time.perf_counter() - start
+    metadata = {"method": spec.name, "options": json.dumps(options), "alpha": args.alpha,
+                "exclude": json.dumps(args.exclude), "base": str(args.base),
+                "experts": json.dumps([str(e) for e in args.experts]), "backend": args.backend}
+    save_state_dict(merged, args.out, metadata=metadata, max_shard_size=args.max_shard_size,
+                    overwrite=args.overwrite, extra_files=_base_side_files(Path(args.base)))
+    print(f"merged {len(args.experts)} experts with {spec.name} in {seconds:.2f} s -> {args.out}")
+    return 0
+
+
+def _base_side_files(base):
+    if not base.is_dir():
+        return []
+    weights = set(SINGLE_FILES + INDEX_FILES)
+    return [p for p in sorted(base.iterdir()) if p.is_file() and p.name not in weights
+            and p.suffix in _COPIED_SUFFIXES]
+
+
+def _methods(args):
+    for name, spec in api.methods().items():
+        print(f"{name:16s} {spec.summary}")
+        print(f"{'':16s} paper: {spec.paper}")
+        for o in spec.options:
+            allowed = f" ({' | '.join(map(str, o.choices))})" if o.choices else ""
+            print(f"{'':16s} --option {o.name}={o.default}{allowed}: {o.help}")
+    return 0
+
+
+def _example(args):
+    from .example import run_example
+    return run_example(Path(args.out), args.seed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

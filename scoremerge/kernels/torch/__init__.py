@@ -1,0 +1,1 @@
+"""The batched plain-torch backend: what `auto` runs on a CPU."""

@@ -1,0 +1,120 @@
+"""The one registry of merge methods.
+
+A method is registered with `@merge_method(...)`, which checks at import that the name is new,
+that the function's keyword-only parameters are exactly its declared options with the declared
+defaults, and that the reference function (scoremerge.ref) takes the same options.
+"""
+import difflib
+import inspect
+from dataclasses import dataclass, field
+
+from ..errors import MergeInputError
+
+_REGISTRY = {}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a method: default, and either the allowed choices or a numeric range."""
+    name: str
+    default: object
+    help: str
+    choices: tuple = ()
+    low: float = None       # inclusive unless low_open
+    high: float = None      # inclusive
+    low_open: bool = False
+
+    def parse(self, value, method):
+        """Convert (from CLI strings too) and validate; raise MergeInputError naming the option."""
+        kind = type(self.default)
+        try:
+            if kind is bool and isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                value = value.lower() in ("true", "1", "yes")
+            elif kind is bool and not isinstance(value, bool):
+                raise ValueError(value)
+            else:
+                value = kind(value)
+        except (TypeError, ValueError):
+            raise MergeInputError(f"option {self.name!r} of method {method!r} takes a "
+                                  f"{kind.__name__}, got {value!r}") from None
+        if self.choices and value not in self.choices:
+            raise MergeInputError(f"option {self.name!r} of method {method!r} must be one of "
+                                  f"{', '.join(map(repr, self.choices))}; got {value!r}")
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and value > self.high
+        if too_low or too_high:
+            lo = "(" if self.low_open else "["
+            raise MergeInputError(f"option {self.name!r} of method {method!r} must be in "
+                                  f"{lo}{self.low}, {self.high}]; got {value!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered method. kind: "matrix" (2-D keys batched by shape, others take the mean) or
+    "elementwise" (one rule for every key, all keys at once)."""
+    name: str
+    kind: str
+    summary: str
+    paper: str
+    fn: object = field(repr=False)
+    reference: object = field(repr=False)
+    options: tuple = ()
+    min_tasks: int = 1
+
+    @property
+    def defaults(self):
+        return {o.name: o.default for o in self.options}
+
+    def parse_options(self, options):
+        """Defaults overlaid with `options`, each validated; unknown names get a suggestion."""
+        known = {o.name: o for o in self.options}
+        for name in options:
+            if name not in known:
+                hint = difflib.get_close_matches(name, known, n=1)
+                hint = f"; did you mean {hint[0]!r}?" if hint else ""
+                choices = ", ".join(known) if known else "none"
+                raise MergeInputError(f"unknown option {name!r} for method {self.name!r} "
+                                      f"(its options: {choices}){hint}")
+        return {n: (o.parse(options[n], self.name) if n in options else o.default)
+                for n, o in known.items()}
+
+
+def _keyword_defaults(fn):
+    """A function's keyword-only options; `backend` is how the batched ones pick their ops."""
+    return {p.name: p.default for p in inspect.signature(fn).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "backend"}
+
+
+def merge_method(name, *, kind, summary, paper, reference, options=(), min_tasks=1):
+    """Register the decorated function as method `name`."""
+    if kind not in ("matrix", "elementwise"):
+        raise ValueError(f"method {name!r}: kind must be 'matrix' or 'elementwise', got {kind!r}")
+
+    def register(fn):
+        if name in _REGISTRY:
+            raise ValueError(f"merge method {name!r} is registered twice")
+        declared = {o.name: o.default for o in options}
+        for impl in (fn, reference):
+            if _keyword_defaults(impl) != declared:
+                raise TypeError(f"method {name!r}: {impl.__module__}.{impl.__qualname__} takes "
+                                f"keyword options {_keyword_defaults(impl)}, declared {declared}")
+        _REGISTRY[name] = MergeMethod(name, kind, summary, paper, fn, reference, tuple(options),
+                                      min_tasks)
+        return fn
+    return register
+
+
+def get(name):
+    """The method called `name`; an unknown name raises with the closest registered one."""
+    if name not in _REGISTRY:
+        hint = difflib.get_close_matches(str(name), _REGISTRY, n=1)
+        hint = f"; did you mean {hint[0]!r}?" if hint else ""
+        raise MergeInputError(f"unknown method {name!r} (known: {', '.join(_REGISTRY)}){hint}")
+    return _REGISTRY[name]
+
+
+def all_methods():
+    return dict(_REGISTRY)

@@ -1,0 +1,19 @@
+"""Input checks shared by the ops: shapes, dtypes and devices, with the offending values."""
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def check_matrix_batch(name, x, ndim=3):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim < ndim:
+        raise ValueError(f"{name} must have at least {ndim} dims, got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64 (compute dtype), got {x.dtype}")
+
+
+def check_same(what, **tensors):
+    values = {name: getattr(t, what) for name, t in tensors.items()}
+    if len(set(values.values())) > 1:
+        raise ValueError(f"{what} differ: " + ", ".join(f"{n}={v}" for n, v in values.items()))

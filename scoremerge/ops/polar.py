@@ -1,0 +1,16 @@
+"""ops.polar: the orthogonal polar factor of a batch of matrices."""
+from ..backend import resolve
+from ..kernels.torch import linalg as torch_linalg
+from ._checks import check_matrix_batch
+
+
+def polar(A, *, backend="auto"):
+    """Orthogonal polar factor of A [..., m, n] -> [..., m, n]: with the thin SVD A = P S Q, P Q,
+    the orthonormal matrix nearest A. float32 or float64.
+
+    >>> Q = polar(torch.randn(4, 30, 20))   # Q.mT @ Q == I
+    """
+    check_matrix_batch("A", A, ndim=2)
+    resolve("polar", backend, A.device, {"torch": None})
+    out = torch_linalg.polar(A.reshape(-1, *A.shape[-2:]))
+    return out.reshape(A.shape)

@@ -1,0 +1,24 @@
+"""ops.reconstruct: Ustar S Vstar, optionally added to a base and cast on store."""
+from ..backend import resolve
+from ..kernels.torch import projection as torch_projection
+from ._checks import check_matrix_batch, check_same
+
+
+def reconstruct(Ustar, S, Vstar, *, base=None, alpha=1.0, out_dtype=None, backend="auto"):
+    """Ustar [B, m, p] @ S [B, p, q] @ Vstar [B, q, n] -> [B, m, n], or base + alpha * that when
+    base [B, m, n] is given (any float dtype), cast to out_dtype (default: S's dtype).
+
+    >>> W = reconstruct(Ustar, S, Vstar, base=W0, alpha=1.0, out_dtype=torch.bfloat16)
+    """
+    for name, x in (("Ustar", Ustar), ("S", S), ("Vstar", Vstar)):
+        check_matrix_batch(name, x)
+    check_same("dtype", Ustar=Ustar, S=S, Vstar=Vstar)
+    check_same("device", Ustar=Ustar, S=S, Vstar=Vstar)
+    B, m, p = Ustar.shape
+    if S.shape[0] != B or S.shape[1] != p or Vstar.shape[:2] != (B, S.shape[2]):
+        raise ValueError(f"shapes do not chain: Ustar {tuple(Ustar.shape)}, S {tuple(S.shape)}, "
+                         f"Vstar {tuple(Vstar.shape)}")
+    if base is not None and base.shape != (B, m, Vstar.shape[2]):
+        raise ValueError(f"base must be [{B}, {m}, {Vstar.shape[2]}], got {tuple(base.shape)}")
+    resolve("reconstruct", backend, Ustar.device, {"torch": None})
+    return torch_projection.reconstruct(Ustar, S, Vstar, base, alpha, out_dtype or S.dtype)

@@ -1,0 +1,26 @@
+"""ops.truncated_svd: the top-k singular triplets of a batch of matrices."""
+import torch
+
+from ..backend import resolve
+from ..kernels.torch import linalg as torch_linalg
+from ..ref.linalg import canonical_signs
+from ._checks import check_matrix_batch
+
+
+def truncated_svd(A, k, *, backend="auto"):
+    """Top-k singular triplets of A [..., m, n], batched over the leading dims.
+
+    Returns U [..., m, k], S [..., k] (descending), Vh [..., k, n], with ALGORITHMS.md's sign
+    convention (the largest-magnitude entry of each u_i is positive). float32 or float64.
+
+    >>> U, S, Vh = truncated_svd(torch.randn(4, 30, 20), 5)
+    """
+    check_matrix_batch("A", A, ndim=2)
+    r = min(A.shape[-2:])
+    if not 1 <= k <= r:
+        raise ValueError(f"k must be in 1..min(m, n) = {r}, got {k} for A of shape {tuple(A.shape)}")
+    resolve("truncated_svd", backend, A.device, {"torch": None})
+    lead = A.shape[:-2]
+    U, S, Vh = torch_linalg.truncated_svd(A.reshape(-1, *A.shape[-2:]), k)
+    U, Vh = canonical_signs(U, Vh)
+    return U.reshape(*lead, *U.shape[-2:]), S.reshape(*lead, k), Vh.reshape(*lead, *Vh.shape[-2:])

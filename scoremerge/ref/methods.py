@@ -1,0 +1,146 @@
+"""Every merge method of ALGORITHMS.md as a literal per-key loop in plain torch.
+
+This is the ground truth the batched backends are tested against and the baseline they are
+benchmarked against: readable first, fast never. Each matrix method takes the list of one key's
+task matrices and returns that key's merged task matrix; `merge_task_vectors` loops over keys.
+"""
+import re
+
+import torch
+
+from .linalg import polar, truncated_svd
+from .projection import project_and_mask, reconstruct
+
+MATRIX_METHODS = ("score", "tsv", "iso_c", "iso_cts")
+
+
+def score(taus, *, variant="full", trim_multiplier=1.96, trim_per_task=True):
+    """SCORE for one key: taus is a list of T task matrices [m, n]."""
+    T = len(taus)
+    k = min(taus[0].shape) // T
+    Ustar, _, Vstar = _shared_basis(taus, k)
+    S = project_and_mask(torch.stack(taus), Ustar, Vstar, variant=variant,
+                         trim_multiplier=trim_multiplier, trim_per_task=trim_per_task)
+    return reconstruct(Ustar, S, Vstar)
+
+
+def tsv(taus):
+    """TSV-M for one key: the shared basis with each task's own top-k singular values."""
+    k = min(taus[0].shape) // len(taus)
+    Ustar, scat, Vstar = _shared_basis(taus, k)
+    return Ustar @ torch.diag(scat) @ Vstar
+
+
+def _shared_basis(taus, k):
+    """Steps 1-3: per-task top-k SVDs, concatenated, orthogonalised by the polar factor."""
+    Us, Ss, Vhs = zip(*(truncated_svd(tau, k) for tau in taus))
+    return polar(torch.cat(Us, dim=1)), torch.cat(Ss), polar(torch.cat(Vhs, dim=0))
+
+
+def iso_c(taus):
+    """Iso-C for one key: the summed task matrix with a flat spectrum at its mean value."""
+    U, s, Vh = torch.linalg.svd(sum(taus), full_matrices=False)
+    return s.mean() * (U @ Vh)
+
+
+def iso_cts_sizes(r, T, common_space_fraction=0.8):
+    """(common size c, per-task size n_t) of Iso-CTS for rank r and T tasks (ALGORITHMS.md)."""
+    c = int(common_space_fraction * r)
+    ts = round((r - c) / T) * T
+    return r - ts, ts // T
+
+
+def iso_cts(taus, *, common_space_fraction=0.8):
+    """Iso-CTS for one key: common space of the sum plus each task's own residual directions."""
+    T = len(taus)
+    c, n_t = iso_cts_sizes(min(taus[0].shape), T, common_space_fraction)
+    U, s, Vh = torch.linalg.svd(sum(taus), full_matrices=False)
+    Uc, sc, Vhc = U[:, :c], s[:c], Vh[:c]
+    blocks = []
+    for tau in taus:
+        w = tau - Uc @ (Uc.mT @ tau)
+        blocks.append(truncated_svd(w, n_t))
+    Ucat = torch.cat([b[0] for b in blocks] + [Uc], dim=1)
+    scat = torch.cat([b[1] for b in blocks] + [sc])
+    Vcat = torch.cat([b[2] for b in blocks] + [Vhc], dim=0)
+    return scat.mean() * (polar(Ucat) @ polar(Vcat))
+
+
+def mean(taus):
+    return sum(taus) / len(taus)
+
+
+def task_arithmetic(taus):
+    return sum(taus)
+
+
+def magmax(taus):
+    """Per entry, the task value of largest magnitude (the first task on ties)."""
+    stacked = torch.stack(taus)
+    idx = stacked.abs().argmax(dim=0, keepdim=True)
+    return torch.gather(stacked, 0, idx)[0]
+
+
+def ties(task_vectors, keys, *, density=0.2, scope="global"):
+    """TIES-merging over the given keys of T task vectors (dicts); returns {key: merged}.
+
+    Trim: keep each task vector's top round(density * N) entries by magnitude, ranked over
+    all the given keys at once (scope="global") or per key (scope="tensor"). Elect: a sign per
+    entry from the sum of kept values. Disjoint mean: average the kept values that agree.
+    """
+    kept = [dict() for _ in task_vectors]
+    for t, tv in enumerate(task_vectors):
+        groups = [keys] if scope == "global" else [[key] for key in keys]
+        for group in groups:
+            flat = torch.cat([tv[key].reshape(-1) for key in group])
+            threshold = _magnitude_threshold(flat, density)
+            for key in group:
+                x = tv[key]
+                kept[t][key] = torch.where(x.abs() >= threshold, x, torch.zeros_like(x))
+    merged = {}
+    for key in keys:
+        stacked = torch.stack([kt[key] for kt in kept])
+        elected = torch.sign(stacked.sum(dim=0))
+        agree = (torch.sign(stacked) == elected) & (stacked != 0)
+        count = agree.sum(dim=0).clamp(min=1)
+        merged[key] = (stacked * agree).sum(dim=0) / count
+    return merged
+
+
+def _magnitude_threshold(flat, density):
+    """The smallest magnitude among the top max(1, round(density * N)) entries of `flat`.
+
+    round, not ceil: 0.3 * 10 is 3.0000000000000004 in floating point. Entries tied with the
+    threshold are all kept."""
+    n_keep = max(1, round(density * flat.numel()))
+    return flat.abs().kthvalue(flat.numel() - n_keep + 1).values
+
+
+def routes_to_matrix(key, tensor, T, exclude):
+    """The matrix path: 2-D, not excluded, and at least one singular direction per task."""
+    return (tensor.ndim == 2 and not any(re.search(p, key) for p in exclude)
+            and min(tensor.shape) // T >= 1)
+
+
+def merge_task_vectors(task_vectors, method, *, exclude=(), **options):
+    """Merge T task vectors (dicts of float tensors, all in one dtype) key by key."""
+    T = len(task_vectors)
+    keys = list(task_vectors[0])
+    excluded = {k for k in keys if any(re.search(p, k) for p in exclude)}
+    out = {}
+    if method == "ties":
+        out.update(ties(task_vectors, [k for k in keys if k not in excluded], **options))
+    for key in keys:
+        if key in out:
+            continue
+        taus = [tv[key] for tv in task_vectors]
+        if method in MATRIX_METHODS:
+            if routes_to_matrix(key, taus[0], T, exclude):
+                out[key] = globals()[method](taus, **options)
+            else:
+                out[key] = mean(taus)
+        elif key in excluded:
+            out[key] = mean(taus)
+        else:
+            out[key] = globals()[method](taus, **options)
+    return {key: out[key] for key in keys}

@@ -1,0 +1,66 @@
+"""Checks on whole models before anything is computed; every error names the key and model."""
+import re
+from collections.abc import Mapping
+
+import torch
+
+from .errors import MergeInputError
+
+_LIST_AT_MOST = 10
+
+
+def _listing(keys):
+    keys = sorted(keys)
+    shown = ", ".join(repr(k) for k in keys[:_LIST_AT_MOST])
+    return shown + (f" and {len(keys) - _LIST_AT_MOST} more" if len(keys) > _LIST_AT_MOST else "")
+
+
+def check_models(models, names, *, floating_only=False):
+    """Same keys, same shapes, tensors only, no NaN or Inf in floating-point tensors.
+
+    models: sequence of mappings key -> Tensor; names: how each model is called in messages.
+    floating_only: every tensor must be floating point (task vectors).
+    """
+    for model, name in zip(models, names):
+        if not isinstance(model, Mapping):
+            raise MergeInputError(f"{name} must be a mapping of names to tensors, got "
+                                  f"{type(model).__name__}")
+    first, first_name = models[0], names[0]
+    for model, name in zip(models[1:], names[1:]):
+        missing, extra = set(first) - set(model), set(model) - set(first)
+        if missing or extra:
+            parts = ([f"missing {len(missing)} key(s) of {first_name}: {_listing(missing)}"] if missing
+                     else []) + ([f"has {len(extra)} key(s) {first_name} lacks: {_listing(extra)}"]
+                                 if extra else [])
+            raise MergeInputError(f"{name} does not have the keys of {first_name}: " + "; ".join(parts))
+    for key in first:
+        for model, name in zip(models, names):
+            x = model[key]
+            if not isinstance(x, torch.Tensor):
+                raise MergeInputError(f"key {key!r} of {name} is a {type(x).__name__}, not a tensor")
+            if x.shape != first[key].shape:
+                raise MergeInputError(f"shape mismatch at key {key!r}: {first_name} has "
+                                      f"{tuple(first[key].shape)}, {name} has {tuple(x.shape)}")
+            if x.is_floating_point():
+                if not torch.isfinite(x).all():
+                    bad = "NaN" if torch.isnan(x).any() else "Inf"
+                    raise MergeInputError(f"key {key!r} of {name} contains {bad}")
+            elif floating_only:
+                raise MergeInputError(f"key {key!r} of {name} is {x.dtype}; task vectors hold "
+                                      "floating-point keys only (merge() copies integer buffers "
+                                      "from the base)")
+            elif x.dtype != first[key].dtype or not torch.equal(x.cpu(), first[key].cpu()):
+                raise MergeInputError(f"non-float key {key!r} differs between {first_name} and "
+                                      f"{name}; integer buffers are copied from the base, never "
+                                      "merged, so they must agree")
+
+
+def exclude_patterns(exclude):
+    """A tuple of compiled-checked regular expressions from a pattern or a list of them."""
+    patterns = (exclude,) if isinstance(exclude, str) else tuple(exclude or ())
+    for p in patterns:
+        try:
+            re.compile(p)
+        except (re.error, TypeError) as e:
+            raise MergeInputError(f"exclude pattern {p!r} is not a regular expression: {e}") from None
+    return patterns
