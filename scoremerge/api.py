@@ -55,6 +55,8 @@ def merge(base, experts, method="score", *, alpha=1.0, exclude=(), backend="auto
     >>> merged = merge(base, [expert1, expert2, expert3], "score", alpha=1.0)
     """
     experts = list(experts)
+    if not experts:
+        raise MergeInputError("no experts given: merging needs at least one fine-tuned model")
     spec, opts = _method_and_options(method, options, len(experts))
     _check_base_and_experts(base, experts)
     try:

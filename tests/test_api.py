@@ -1,0 +1,131 @@
+"""merge, task_vectors, methods, and every bad input the API must reject by name."""
+import pytest
+import torch
+
+import scoremerge
+from scoremerge import BackendUnavailableError, MergeInputError
+
+from conftest import random_task_vectors, rel_err
+
+SHAPES = {"w": (12, 8), "b": (12,), "v": (8, 12)}
+
+
+def models(T=3, dtype=torch.float32):
+    base = {k: v.to(dtype) for k, v in random_task_vectors(SHAPES, 1, seed=0)[0].items()}
+    base["position_ids"] = torch.arange(5)
+    experts = []
+    for t, tau in enumerate(random_task_vectors(SHAPES, T, seed=1, scale=0.1)):
+        e = {k: (base[k].double() + tau[k]).to(dtype) for k in SHAPES}
+        e["position_ids"] = torch.arange(5)
+        experts.append(e)
+    return base, experts
+
+
+def test_merge_is_base_plus_alpha_tau_and_keeps_dtypes():
+    base, experts = models(dtype=torch.bfloat16)
+    merged = scoremerge.merge(base, experts, "score", alpha=0.7)
+    taus = scoremerge.merge_task_vectors(scoremerge.task_vectors(base, experts), "score")
+    for k in SHAPES:
+        assert merged[k].dtype == torch.bfloat16
+        want = (base[k].float() + 0.7 * taus[k]).to(torch.bfloat16)
+        assert torch.equal(merged[k], want)
+    assert torch.equal(merged["position_ids"], base["position_ids"])
+
+
+def test_task_vectors_are_at_least_float32():
+    base, experts = models(dtype=torch.bfloat16)
+    tvs = scoremerge.task_vectors(base, experts)
+    assert set(tvs[0]) == set(SHAPES) and tvs[0]["w"].dtype == torch.float32
+
+
+def test_compute_dtype_option():
+    tvs = [{k: v.float() for k, v in tv.items()} for tv in random_task_vectors(SHAPES, 3, seed=2)]
+    out32 = scoremerge.merge_task_vectors(tvs, "tsv")
+    out64 = scoremerge.merge_task_vectors(tvs, "tsv", dtype="float64")
+    assert out64["w"].dtype == torch.float32          # outputs keep the input dtype
+    answer = scoremerge.ref.merge_task_vectors([{k: v.double() for k, v in tv.items()}
+                                                for tv in tvs], "tsv")["w"]
+    assert rel_err(out64["w"], answer) <= rel_err(out32["w"], answer) + 1e-7
+
+
+def test_progress_bar_counts_keys(capsys):
+    scoremerge.merge_task_vectors(random_task_vectors(SHAPES, 2, seed=3), "score", progress=True)
+    assert "3/3" in capsys.readouterr().err
+
+
+def test_methods_lists_every_method_with_defaults():
+    ms = scoremerge.methods()
+    assert list(ms) == ["mean", "task_arithmetic", "magmax", "ties", "score", "tsv", "iso_c",
+                        "iso_cts"]
+    assert ms["score"].defaults == {"variant": "full", "trim_multiplier": 1.96, "trim_per_task": True}
+    assert ms["ties"].defaults == {"density": 0.2, "scope": "global"}
+    assert ms["iso_cts"].defaults == {"common_space_fraction": 0.8}
+
+
+def test_registry_rejects_duplicates_and_undeclared_options():
+    from scoremerge.methods.registry import merge_method
+    with pytest.raises(ValueError, match="registered twice"):
+        merge_method("mean", kind="elementwise", summary="", paper="", reference=lambda t: t)(
+            lambda t: t)
+
+    def bad(tau, *, gamma=1.0):
+        return tau
+    with pytest.raises(TypeError, match="gamma"):
+        merge_method("new", kind="matrix", summary="", paper="", reference=lambda t: t)(bad)
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda b, e: e[1].pop("w"), r"expert 1 does not have the keys of the base: missing 1 key\(s\) of the base: 'w'"),
+    (lambda b, e: e[0].update(extra=torch.ones(2)), r"expert 0 .* has 1 key\(s\) the base lacks: 'extra'"),
+    (lambda b, e: e[2].update(w=torch.ones(8, 12)), r"shape mismatch at key 'w': the base has \(12, 8\), expert 2 has \(8, 12\)"),
+    (lambda b, e: e[1]["v"].__setitem__((0, 0), float("nan")), r"key 'v' of expert 1 contains NaN"),
+    (lambda b, e: b["b"].__setitem__(3, float("inf")), r"key 'b' of the base contains Inf"),
+    (lambda b, e: e[0].update(position_ids=torch.arange(1, 6)), r"non-float key 'position_ids' differs"),
+])
+def test_bad_models_are_named(mutate, message):
+    base, experts = models()
+    mutate(base, experts)
+    with pytest.raises(MergeInputError, match=message):
+        scoremerge.merge(base, experts, "score")
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"method": "scroe"}, r"unknown method 'scroe' .*did you mean 'score'\?"),
+    ({"variant": "diagonal"}, r"'variant' of method 'score' must be one of 'full', 'diag'"),
+    ({"trim_multiplyer": 2.0}, r"unknown option 'trim_multiplyer' .*did you mean 'trim_multiplier'\?"),
+    ({"method": "ties", "density": 0.0}, r"'density' of method 'ties' must be in \(0.0, 1.0\]"),
+    ({"method": "ties", "density": "lots"}, r"'density' of method 'ties' takes a float"),
+    ({"trim_per_task": "maybe"}, r"'trim_per_task' .* takes a bool"),
+    ({"exclude": ["("]}, r"exclude pattern '\(' is not a regular expression"),
+    ({"backend": "fast"}, r"unknown backend 'fast'"),
+    ({"dtype": "float16"}, r"compute dtype must be float32 or float64"),
+    ({"alpha": "big"}, r"alpha must be a number"),
+])
+def test_bad_arguments_are_named(kwargs, message):
+    base, experts = models()
+    kwargs = {"method": "score", **kwargs}
+    with pytest.raises(MergeInputError, match=message):
+        scoremerge.merge(base, experts, **kwargs)
+
+
+def test_no_experts_and_integer_task_vectors():
+    base, _ = models()
+    with pytest.raises(MergeInputError, match="no experts given"):
+        scoremerge.merge(base, [], "mean")
+    with pytest.raises(MergeInputError, match=r"needs at least 1 expert\(s\) / task vector\(s\), got 0"):
+        scoremerge.merge_task_vectors([], "mean")
+    with pytest.raises(MergeInputError, match="task vectors hold floating-point keys only"):
+        scoremerge.merge_task_vectors([{"ids": torch.arange(3)}], "mean")
+
+
+def test_a_named_backend_that_cannot_run_says_why():
+    tvs = random_task_vectors(SHAPES, 2, seed=4)
+    with pytest.raises(BackendUnavailableError, match="backend 'cuda' cannot run truncated_svd"):
+        scoremerge.merge_task_vectors(tvs, "score", backend="cuda")
+    assert scoremerge.merge_task_vectors(tvs, "mean", backend="torch")["w"].shape == (12, 8)
+
+
+def test_environment_variable_chooses_the_backend(monkeypatch):
+    monkeypatch.setenv("SCOREMERGE_BACKEND", "triton")
+    with pytest.raises(BackendUnavailableError):
+        scoremerge.merge_task_vectors(random_task_vectors(SHAPES, 2, seed=4), "tsv")
