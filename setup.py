@@ -24,31 +24,23 @@ def _nvcc():
 
 
 class NvccBuildExt(build_ext):
-    """Compile .cu sources with nvcc into objects, then link them with the C++ host code."""
+    """Compile and link the .cu sources with nvcc itself: it knows its toolkit's paths (nvcc is
+    often a wrapper script outside the toolkit), and a static cudart keeps the module free of a
+    libcudart.so search at import."""
 
     def build_extension(self, ext):
-        import pybind11
-        nvcc = _nvcc()
-        archs = os.environ.get("SCOREMERGE_CUDA_ARCHS", "80;90").split(";")
-        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
-        build = Path(self.build_temp)
-        build.mkdir(parents=True, exist_ok=True)
-        objects = []
-        for src in ext.sources:
-            obj = build / (Path(src).stem + ".o")
-            subprocess.check_call([nvcc, "-c", src, "-o", str(obj), "-O3", "-std=c++17",
-                                   "--compiler-options", "-fPIC", "-I", pybind11.get_include(),
-                                   *[f"-I{p}" for p in self._python_includes()], *gencode])
-            objects.append(str(obj))
-        ext.sources, ext.extra_objects = [], objects
-        cuda_lib = Path(nvcc).resolve().parent.parent / "lib64"
-        ext.library_dirs.append(str(cuda_lib))
-        ext.libraries.append("cudart")
-        super().build_extension(ext)
-
-    def _python_includes(self):
         import sysconfig
-        return [sysconfig.get_paths()["include"]]
+
+        import pybind11
+        archs = os.environ.get("SCOREMERGE_CUDA_ARCHS", "80;90").split(";")
+        target = Path(self.get_ext_fullpath(ext.name))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.check_call([
+            _nvcc(), "-shared", "-O3", "-std=c++17", "-cudart", "static",
+            "--compiler-options", "-fPIC,-fvisibility=hidden",
+            "-I", pybind11.get_include(), "-I", sysconfig.get_paths()["include"],
+            *[f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a],
+            *ext.sources, "-o", str(target)])
 
 
 ext_modules, cmdclass = [], {}
