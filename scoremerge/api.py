@@ -55,8 +55,7 @@ def merge(base, experts, method="score", *, alpha=1.0, exclude=(), backend="auto
     >>> merged = merge(base, [expert1, expert2, expert3], "score", alpha=1.0)
     """
     experts = list(experts)
-    if not experts:
-        raise MergeInputError("no experts given: merging needs at least one fine-tuned model")
+    _require_experts(experts)                 # before the method, so the message says what is missing
     spec, opts = _method_and_options(method, options, len(experts))
     _check_base_and_experts(base, experts)
     try:
@@ -77,9 +76,13 @@ def merge(base, experts, method="score", *, alpha=1.0, exclude=(), backend="auto
     return out
 
 
-def _check_base_and_experts(base, experts):
+def _require_experts(experts):
     if not experts:
         raise MergeInputError("no experts given: merging needs at least one fine-tuned model")
+
+
+def _check_base_and_experts(base, experts):
+    _require_experts(experts)
     check_models([base] + experts, ["the base"] + [f"expert {i}" for i in range(len(experts))])
 
 
