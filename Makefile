@@ -11,11 +11,11 @@ $(BIN)/scoremerge: pyproject.toml setup.py
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch pinned first: a CPU machine gets the CPU build, not a multi-GB CUDA one
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,demo]'
 	touch $@
 
 demo: $(BIN)/scoremerge
-	$(BIN)/scoremerge example --out runs/example
+	$(BIN)/scoremerge demo --out runs/demo
 
 test: $(BIN)/scoremerge
 	$(BIN)/python -m pytest -q tests

@@ -1,4 +1,4 @@
-"""The command line: scoremerge merge | methods | example."""
+"""The command line: scoremerge merge | methods | demo | example."""
 import argparse
 import json
 import sys
@@ -55,6 +55,23 @@ def _parser():
     ls = sub.add_parser("methods", help="list merge methods with their options")
     ls.set_defaults(run=_methods)
 
+    d = sub.add_parser("demo", help="the embedded benchmark: leave-one-rotation-out merging of "
+                       "digit experts with every method (trains on first use, cached)")
+    d.add_argument("--out", default="runs/demo", help="folder for results.json and accuracy.png")
+    d.add_argument("--seed", default=0, type=int, help="data split, initialisation and training")
+    d.add_argument("--device", default="cpu", help="cpu or cuda (training, merging, evaluation)")
+    d.add_argument("--backend", default="auto", choices=BACKENDS + ("reference",),
+                   help="merge backend; `reference` runs the plain-torch per-key loops")
+    d.add_argument("--quick", action="store_true",
+                   help="short training and alpha grid (about 15 s on 2 cores; weaker models)")
+    d.add_argument("--no-tune-alpha", action="store_true",
+                   help="skip choosing alpha on the source domains' validation splits")
+    d.add_argument("--cache", default=None,
+                   help="folder for trained models (default: ~/.cache/scoremerge/demo)")
+    d.add_argument("--no-cache", action="store_true", help="train in memory, read and write no cache")
+    d.add_argument("--retrain", action="store_true", help="train again and replace the cached models")
+    d.set_defaults(run=_demo)
+
     ex = sub.add_parser("example", help="write small checkpoints, merge them with every method")
     ex.add_argument("--out", default="runs/example", help="folder for checkpoints and merges")
     ex.add_argument("--seed", default=0, type=int)
@@ -109,6 +126,17 @@ def _methods(args):
         for o in spec.options:
             allowed = f" ({' | '.join(map(str, o.choices))})" if o.choices else ""
             print(f"{'':16s} --option {o.name}={o.default}{allowed}: {o.help}")
+    return 0
+
+
+def _demo(args):
+    from .demo import demo_config, run_demo
+    if args.no_cache and args.cache:
+        raise MergeInputError("--cache and --no-cache contradict each other")
+    config = demo_config(seed=args.seed, device=args.device, backend=args.backend, quick=args.quick,
+                         tune_alpha=not args.no_tune_alpha)
+    cache = None if args.no_cache else (args.cache or "default")
+    run_demo(config, out=args.out, cache_dir=cache, retrain=args.retrain)
     return 0
 
 

@@ -1,5 +1,6 @@
 """`scoremerge example`: small synthetic checkpoints merged with every method, end to end
-through files and the CLI's merge path. It stands in for the embedded benchmark until that lands.
+through files and the CLI's merge path (a smoke test of the checkpoint path; the main job is
+`scoremerge demo`).
 
 The experts share a base; each adds a low-rank update of its own plus a shared one and noise,
 so the merge methods disagree in ways the table shows: how well the merged task vector keeps

@@ -1,0 +1,117 @@
+"""The demo's outputs: a text table (methods x target rotations), results.json and a PNG chart."""
+import json
+import os
+import tempfile
+from pathlib import Path
+
+_REFERENCE_LABELS = {"base": "base (pretrained)", "expert_in_domain": "expert, own domain *",
+                     "best_single_expert": "best single expert **",
+                     "logit_ensemble": "logit ensemble ***"}
+
+
+def format_table(results):
+    domains = results["domains"]
+    n_sources = len(domains) - 1
+    head = f"{'':24s}" + "".join(f"{str(a) + ' deg':>8s}" for a in domains) + f"{'mean':>8s}"
+    lines = [f"Leave-one-domain-out on rotated digits: accuracy (%) on the held-out rotation, "
+             f"{n_sources} source experts merged",
+             head + f"{'merge ms':>10s}", "references"]
+    for key, label in _REFERENCE_LABELS.items():
+        lines.append(_line(label, results["reference"][key], domains))
+    lines.append(f"merged, alpha = {results['config']['alpha']}")
+    for label, row in results["merged"].items():
+        ms = 1000 * sum(row["merge_seconds"].values()) / len(row["merge_seconds"])
+        lines.append(_line(label, row["accuracy"], domains) + f"{ms:10.1f}")
+    if results["tuned_alpha"]:
+        lines.append("merged, alpha chosen on the source domains' validation splits")
+        lines[-1] += " " * max(0, len(head) - len(lines[-1]) + 2) + "  alpha range"
+        for label, row in results["tuned_alpha"].items():
+            alphas = list(row["alpha"].values())
+            lines.append(_line(label, row["accuracy"], domains)
+                         + f"{min(alphas):6.1f} - {max(alphas):.1f}")
+    lines += ["*   each expert on its own rotation's test split (in-domain, not held out)",
+              "**  the source expert that scores best on the target, chosen in hindsight",
+              f"*** mean logits of the {n_sources} source experts: {n_sources} forward passes, "
+              "not one merged model"]
+    return "\n".join(lines)
+
+
+def _line(label, accuracy, domains):
+    values = [accuracy[_key(accuracy, a)] for a in domains]
+    mean = sum(values) / len(values)
+    return f"  {label:22s}" + "".join(f"{100 * v:8.1f}" for v in values) + f"{100 * mean:8.1f}"
+
+
+def _key(d, angle):
+    return angle if angle in d else str(angle)         # int keys in memory, str after JSON
+
+
+def write_json(results, path):
+    """Atomic: a temporary file beside the target, renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def plot(results, path):
+    """Two panels: mean held-out accuracy per method (alpha fixed and tuned) against the
+    references, and accuracy per target rotation."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    domains = results["domains"]
+    merged, tuned, ref = results["merged"], results["tuned_alpha"], results["reference"]
+    labels = list(merged)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 6.5), gridspec_kw={"width_ratios": [1.1, 1]})
+    y = range(len(labels))
+    h = 0.4 if tuned else 0.8
+    ax1.barh([i - h / 2 * bool(tuned) for i in y], [100 * merged[k]["mean"] for k in labels], h,
+             label=f"alpha = {results['config']['alpha']}")
+    if tuned:
+        ax1.barh([i + h / 2 for i in y], [100 * tuned[k]["mean"] for k in labels], h,
+                 label="alpha tuned on source validation")
+    for key, style in (("base", ":"), ("best_single_expert", "--"), ("logit_ensemble", "-.")):
+        ax1.axvline(100 * _mean(ref[key]), color="k", linestyle=style,
+                    label=_REFERENCE_LABELS[key].rstrip(" *"))
+    ax1.set_yticks(list(y), labels)
+    ax1.invert_yaxis()
+    ax1.set_xlabel("mean accuracy on the held-out rotation (%)")
+    ax1.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, fontsize=8)
+
+    for k in labels:
+        ax2.plot(domains, [100 * merged[k]["accuracy"][_key(merged[k]["accuracy"], a)]
+                           for a in domains], marker="o", label=k)
+    ax2.plot(domains, [100 * ref["base"][_key(ref["base"], a)] for a in domains], "k:",
+             label="base")
+    ax2.plot(domains, [100 * ref["logit_ensemble"][_key(ref["logit_ensemble"], a)]
+                       for a in domains], "k-.", label="logit ensemble")
+    ax2.set_xticks(domains)
+    ax2.set_xlabel("held-out rotation (degrees)")
+    ax2.set_ylabel(f"accuracy (%), alpha = {results['config']['alpha']}")
+    ax2.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=4, fontsize=8)
+    fig.suptitle("scoremerge demo: leave-one-rotation-out merging of digit experts (seed "
+                 f"{results['config']['seed']})")
+    fig.tight_layout()
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    finally:
+        plt.close(fig)
+
+
+def _mean(d):
+    return sum(d.values()) / len(d)

@@ -1,0 +1,205 @@
+"""The embedded benchmark: the quick run end to end (through the CLI), what its numbers must show,
+determinism and the training cache, and the data and model it is built on."""
+import json
+import math
+
+import pytest
+import torch
+
+from scoremerge.cli import main
+from scoremerge.demo import DemoConfig, merge_variants
+from scoremerge.demo.checkpoints import cache_key, trained_models
+from scoremerge.demo.data import (ANGLES, CANVAS, N_CLASSES, load_digits_tensors, rotated_domains,
+                                  split_indices, transform, upright_train)
+from scoremerge.demo.model import TinyViT, ViTConfig
+from scoremerge.demo.train import Schedule
+from scoremerge.methods.routing import routes_to_matrix
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    argv = ["demo", "--quick", "--out", str(root / "out"), "--cache", str(root / "cache")]
+    assert main(argv) == 0
+    return root, argv, json.loads((root / "out" / "results.json").read_text())
+
+
+def n_test():
+    return len(split_indices(len(load_digits_tensors()[1]), seed=0)[2])
+
+
+def chance_bound(n):
+    """Accuracy a chance-level classifier reaches with probability under 0.15% (3 sigma)."""
+    p = 1 / N_CLASSES
+    return p + 3 * math.sqrt(p * (1 - p) / n)
+
+
+def test_quick_run_writes_every_method_and_domain(quick_run):
+    root, _, results = quick_run
+    domains = [str(a) for a in ANGLES]
+    labels = {v.label for v in merge_variants()}
+    assert {"score", "score:diag", "mean", "task_arithmetic", "ties", "magmax", "tsv", "iso_c",
+            "iso_cts"} <= labels
+    for section in ("merged", "tuned_alpha"):
+        assert set(results[section]) == labels
+        for row in results[section].values():
+            assert sorted(row["accuracy"], key=int) == domains
+    for row in results["reference"].values():
+        assert sorted(row, key=int) == domains
+    assert all(len(row["merge_seconds"]) == len(domains) for row in results["merged"].values())
+    png = (root / "out" / "accuracy.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_experts_beat_the_base_on_their_own_domain(quick_run):
+    _, _, results = quick_run
+    ref = results["reference"]
+    for angle in ref["base"]:
+        assert ref["expert_in_domain"][angle] > ref["base"][angle] + 0.05, angle
+
+
+def test_merged_models_are_above_chance_on_the_target(quick_run):
+    """Every merged model beats chance on every held-out rotation by 3 sigma. Task arithmetic at
+    alpha = 1 sums five task vectors and can fall to chance (README); its alpha is searched."""
+    _, _, results = quick_run
+    bound = chance_bound(n_test())
+    for section in ("merged", "tuned_alpha"):
+        for label, row in results[section].items():
+            if section == "merged" and label == "task_arithmetic":
+                continue
+            for angle, acc in row["accuracy"].items():
+                assert acc > bound, (section, label, angle, acc)
+
+
+def test_alpha_is_chosen_from_the_grid_on_source_validation(quick_run):
+    _, _, results = quick_run
+    grid = results["config"]["alpha_grid"]
+    for row in results["tuned_alpha"].values():
+        assert set(row["alpha"].values()) <= set(grid)
+        assert all(0 < v <= 1 for v in row["val_accuracy"].values())
+
+
+def test_second_run_loads_the_cache_and_prints_the_same_table(quick_run, capsys):
+    root, argv, first = quick_run
+    assert main(argv) == 0
+    second = json.loads((root / "out" / "results.json").read_text())
+    assert second["training"]["trained"] == [] and len(second["training"]["loaded"]) == 7
+    for section in ("reference", "expert_matrix"):
+        assert second[section] == first[section]
+    for section in ("merged", "tuned_alpha"):
+        for label, row in first[section].items():
+            assert second[section][label]["accuracy"] == row["accuracy"], label
+    assert "score:diag" in capsys.readouterr().out
+
+
+def test_reference_backend_gives_the_same_accuracies(quick_run):
+    """The demo is the accuracy check for every merge backend: on the same cached experts, the
+    plain-torch per-key reference and the default backend must classify the targets alike (one
+    digit in a few hundred may flip, where float32 rounding moves a logit across a tie)."""
+    root, _, fast = quick_run
+    out = root / "reference"
+    assert main(["demo", "--quick", "--no-tune-alpha", "--backend", "reference", "--out", str(out),
+                 "--cache", str(root / "cache")]) == 0
+    slow = json.loads((out / "results.json").read_text())
+    assert slow["config"]["backend"] == "reference" and slow["tuned_alpha"] == {}
+    for label, row in fast["merged"].items():
+        for angle, acc in row["accuracy"].items():
+            assert abs(slow["merged"][label]["accuracy"][angle] - acc) <= 1.01 / n_test(), \
+                (label, angle)
+
+
+def test_training_is_deterministic_and_a_bad_cache_entry_is_retrained(tmp_path):
+    config = DemoConfig(seed=3, angles=(0, 30), vit=ViTConfig(dim=16, heads=2, mlp=16, depth=2),
+                        base_schedule=Schedule(epochs=1, lr=1e-3, batch=256),
+                        expert_schedule=Schedule(epochs=1, lr=1e-3, batch=256))
+    upright = upright_train(config.seed)
+    domains = rotated_domains(config.seed, config.angles)
+    base1, experts1, info1 = trained_models(config, upright, domains, tmp_path, log=lambda m: None)
+    base2, experts2, _ = trained_models(config, upright, domains, None, log=lambda m: None)
+    assert all(torch.equal(base1[k], base2[k]) for k in base1)
+    assert all(torch.equal(experts1[30][k], experts2[30][k]) for k in base1)
+    assert not all(torch.equal(experts1[30][k], base1[k]) for k in base1)
+
+    folder = tmp_path / cache_key(config.training_settings())
+    assert sorted(p.name for p in folder.iterdir()) == ["base", "expert-0", "expert-30"]
+    shard = folder / "expert-30" / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])                         # truncated on disk
+    messages = []
+    _, experts3, info3 = trained_models(config, upright, domains, tmp_path, log=messages.append)
+    assert info3["trained"] == ["expert-30"] and info3["loaded"] == ["base", "expert-0"]
+    assert "expert-30" in messages[0] and "retraining" in messages[0]
+    assert all(torch.equal(experts1[30][k], experts3[30][k]) for k in base1)
+
+
+def test_cache_key_changes_with_every_training_setting():
+    a = DemoConfig()
+    keys = {cache_key(c.training_settings()) for c in
+            (a, DemoConfig(seed=1), DemoConfig(angles=(0, 15)), DemoConfig(vit=ViTConfig(dim=32)),
+             DemoConfig(expert_schedule=Schedule(epochs=3, lr=1e-3)))}
+    assert len(keys) == 5
+    assert cache_key(DemoConfig(alpha=0.5).training_settings()) == cache_key(a.training_settings())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--cache", "c", "--no-cache"], "contradict"),
+    (["--device", "nonsense"], "not a torch device"),
+])
+def test_demo_bad_arguments_exit_2(tmp_path, capsys, argv, message):
+    assert main(["demo", "--quick", "--out", str(tmp_path / "o"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_demo_on_cuda_without_a_gpu_says_so(tmp_path, capsys):
+    assert main(["demo", "--quick", "--device", "cuda", "--out", str(tmp_path / "o")]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_out_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "f").write_text("keep me")
+    assert main(["demo", "--quick", "--no-cache", "--out", str(tmp_path / "f")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    assert (tmp_path / "f").read_text() == "keep me"
+
+
+def test_domains_share_one_split_and_test_digits_are_never_trained_on():
+    images, labels = load_digits_tensors()
+    assert images.shape == (1797, 1, CANVAS, CANVAS) and 0 <= images.min() and images.max() <= 1
+    train, val, test = split_indices(len(labels), seed=0)
+    assert len(set(train.tolist()) | set(val.tolist()) | set(test.tolist())) == len(labels)
+    assert len(train) + len(val) + len(test) == len(labels)
+    domains = rotated_domains(0, (0, 45))
+    assert torch.equal(domains[0].test.y, domains[1].test.y) and torch.equal(domains[0].test.y,
+                                                                           labels[test])
+    assert torch.allclose(domains[0].train.x, images[train], atol=1e-6)   # 0 degrees is identity
+    assert not torch.allclose(domains[1].train.x, images[train], atol=0.1)
+    assert torch.equal(upright_train(0).x, images[train])
+    assert not torch.equal(split_indices(len(labels), seed=1)[2], test)
+
+
+def test_rotation_turns_counter_clockwise_and_keeps_the_digit_on_the_canvas():
+    x = torch.zeros(1, 1, CANVAS, CANVAS)
+    x[0, 0, 5:7, CANVAS - 2] = 1                         # a mark at the right edge, mid-height
+    rows, cols = (transform(x, 90.0)[0, 0] > 0.3).nonzero(as_tuple=True)
+    assert rows.max() < 3 and cols.min() >= 5 and cols.max() <= 6      # moved to the top edge
+    images, _ = load_digits_tensors()
+    for angle in ANGLES:                     # bilinear sampling blurs; the ink stays on the canvas
+        kept = transform(images, angle).sum() / images.sum()
+        assert kept > 0.97, (angle, kept)
+
+
+def test_tiny_vit_has_real_attention_and_mlp_matrices():
+    config = ViTConfig()
+    model = TinyViT(config)
+    logits = model(torch.rand(3, 1, CANVAS, CANVAS))
+    assert logits.shape == (3, N_CLASSES)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    d = config.dim
+    assert shapes["blocks.1.attn.qkv.weight"] == (3 * d, d)
+    assert shapes["blocks.0.mlp.fc2.weight"] == (d, config.mlp)
+    assert {"blocks.0.norm1.weight", "blocks.0.attn.proj.bias", "pos_embed", "cls_token",
+            "head.weight"} <= set(shapes)
+    matrix = {k for k, s in shapes.items() if routes_to_matrix(s, k, 5, [])}
+    assert {"blocks.0.attn.qkv.weight", "blocks.1.mlp.fc1.weight", "head.weight"} <= matrix
+    assert "pos_embed" not in matrix and "blocks.0.norm1.weight" not in matrix
