@@ -1,6 +1,7 @@
 """The command line: scoremerge merge | methods | demo | example."""
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ _COPIED_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".py")
 def main(argv=None):
     parser = _parser()
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     try:
         return args.run(args)
     except (MergeInputError, BackendUnavailableError) as e:
@@ -136,7 +138,8 @@ def _demo(args):
     config = demo_config(seed=args.seed, device=args.device, backend=args.backend, quick=args.quick,
                          tune_alpha=not args.no_tune_alpha)
     cache = None if args.no_cache else (args.cache or "default")
-    run_demo(config, out=args.out, cache_dir=cache, retrain=args.retrain)
+    run_demo(config, out=args.out, cache_dir=cache, retrain=args.retrain,
+             command=shlex.join(["scoremerge", *args.argv]))
     return 0
 
 

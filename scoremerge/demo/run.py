@@ -32,17 +32,18 @@ def check_requirements(device):
         raise MergeInputError(f"--device {device}: the demo runs on cpu or cuda")
 
 
-def run_demo(config, out="runs/demo", cache_dir="default", retrain=False, log=print):
+def run_demo(config, out="runs/demo", cache_dir="default", retrain=False, log=print, command=None):
     """Run the benchmark for `config` (demo_config(...)); print the table; write results.json and
     accuracy.png under `out`. cache_dir: trained models ("default": ~/.cache/scoremerge/demo;
-    None: train in memory, cache nothing). Returns the results dict."""
+    None: train in memory, cache nothing). command: recorded in results.json. Returns the results
+    dict."""
     check_requirements(config.device)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise MergeInputError(f"--out {out}: exists and is not a folder")
     cache = default_cache_dir() if cache_dir == "default" else cache_dir
     results = run_experiment(config, cache, retrain, log)
-    results["environment"] = _environment(config.device)
+    results["environment"] = {**_environment(config.device), "command": command}
     out.mkdir(parents=True, exist_ok=True)
     write_json(results, out / "results.json")
     plot(results, out / "accuracy.png")
