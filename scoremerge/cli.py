@@ -61,7 +61,7 @@ def _parser():
                        "digit experts with every method (trains on first use, cached)")
     d.add_argument("--out", default="runs/demo", help="folder for results.json and accuracy.png")
     d.add_argument("--seed", default=0, type=int, help="data split, initialisation and training")
-    d.add_argument("--device", default="cpu", help="cpu or cuda (training, merging, evaluation)")
+    d.add_argument("--device", default="cpu", help="cpu or cuda: merging and evaluation (training is always on the CPU)")
     d.add_argument("--backend", default="auto", choices=BACKENDS + ("reference",),
                    help="merge backend; `reference` runs the plain-torch per-key loops")
     d.add_argument("--quick", action="store_true",

@@ -28,6 +28,9 @@ def check_requirements(device):
             from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MergeInputError(f"--device {device}: torch sees no CUDA device here")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise MergeInputError(f"--device {device}: only {torch.cuda.device_count()} CUDA "
+                              "device(s) here")
     if dev.type not in ("cpu", "cuda"):
         raise MergeInputError(f"--device {device}: the demo runs on cpu or cuda")
 
