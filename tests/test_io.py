@@ -8,6 +8,7 @@ from safetensors import safe_open
 from scoremerge import MergeInputError
 from scoremerge.io import load_state_dict, parse_size, save_state_dict
 from scoremerge.io import write as write_module
+from scoremerge.io.atomic import write_file_atomically
 
 
 def state(seed=0):
@@ -64,6 +65,30 @@ def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_state_dict(state(), tmp_path / "out", max_shard_size="2KB")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_outputs_get_plain_mkdir_and_open_permissions(tmp_path):
+    """Temporary files and folders are private (0600 / 0700); what is renamed into place must not
+    stay so, or a merged model on a shared machine is unreadable by everyone else."""
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain.txt").write_text("")
+    save_state_dict({"w": torch.ones(3)}, tmp_path / "m")
+    write_file_atomically(tmp_path / "r.json", lambda p: open(p, "w").write("{}"))
+    assert (tmp_path / "m").stat().st_mode == (tmp_path / "plain").stat().st_mode
+    for f in (tmp_path / "m" / "model.safetensors", tmp_path / "r.json"):
+        assert f.stat().st_mode == (tmp_path / "plain.txt").stat().st_mode, f
+
+
+def test_a_failed_file_write_keeps_the_old_file(tmp_path):
+    (tmp_path / "r.json").write_text("old")
+
+    def fail(p):
+        open(p, "w").write("half")
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        write_file_atomically(tmp_path / "r.json", fail)
+    assert (tmp_path / "r.json").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
 
 
 def test_existing_output_needs_overwrite_and_is_replaced_whole(tmp_path):

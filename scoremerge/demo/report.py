@@ -1,8 +1,7 @@
 """The demo's outputs: a text table (methods x target rotations), results.json and a PNG chart."""
 import json
-import os
-import tempfile
-from pathlib import Path
+
+from ..io.atomic import write_file_atomically
 
 _REFERENCE_LABELS = {"base": "base (pretrained)", "expert_in_domain": "expert, own domain *",
                      "best_single_expert": "best single expert **",
@@ -47,17 +46,10 @@ def _key(d, angle):
 
 
 def write_json(results, path):
-    """Atomic: a temporary file beside the target, renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
+    def write(tmp):
+        with open(tmp, "w") as f:
             json.dump(results, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_file_atomically(path, write)
 
 
 def plot(results, path):
@@ -100,15 +92,8 @@ def plot(results, path):
     fig.suptitle("scoremerge demo: leave-one-rotation-out merging of digit experts (seed "
                  f"{results['config']['seed']})")
     fig.tight_layout()
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        write_file_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     finally:
         plt.close(fig)
 

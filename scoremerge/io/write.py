@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from .._version import __version__
 from ..errors import MergeInputError
+from .atomic import give_plain_file_mode, make_temp_dir
 
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -56,11 +57,12 @@ def save_state_dict(state_dict, out_dir, *, metadata=None, max_shard_size=DEFAUL
     tensors = _detached(state_dict)
     shards = _plan_shards(tensors, limit)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = make_temp_dir(out_dir)
     try:
         names = _shard_names(len(shards))
         for name, keys in zip(names, shards):
             save_file({k: tensors[k] for k in keys}, tmp / name, metadata=meta)
+            give_plain_file_mode(tmp / name)
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(_nbytes(t) for t in tensors.values()), **meta},
                      "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}}
