@@ -65,7 +65,7 @@ def _parser():
     d.add_argument("--backend", default="auto", choices=BACKENDS + ("reference",),
                    help="merge backend; `reference` runs the plain-torch per-key loops")
     d.add_argument("--quick", action="store_true",
-                   help="short training and alpha grid (about 15 s on 2 cores; weaker models)")
+                   help="short training and alpha grid (under 20 s on 2 cores; weaker models)")
     d.add_argument("--no-tune-alpha", action="store_true",
                    help="skip choosing alpha on the source domains' validation splits")
     d.add_argument("--cache", default=None,
@@ -133,11 +133,14 @@ def _methods(args):
 
 def _demo(args):
     from .demo import demo_config, run_demo
-    if args.no_cache and args.cache:
+    from .demo.run import DEFAULT_CACHE
+    if args.no_cache and args.cache is not None:
         raise MergeInputError("--cache and --no-cache contradict each other")
+    if args.cache == "":
+        raise MergeInputError("--cache needs a folder")
     config = demo_config(seed=args.seed, device=args.device, backend=args.backend, quick=args.quick,
                          tune_alpha=not args.no_tune_alpha)
-    cache = None if args.no_cache else (args.cache or "default")
+    cache = None if args.no_cache else (DEFAULT_CACHE if args.cache is None else args.cache)
     run_demo(config, out=args.out, cache_dir=cache, retrain=args.retrain,
              command=shlex.join(["scoremerge", *args.argv]))
     return 0

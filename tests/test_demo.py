@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from scoremerge.cli import main
-from scoremerge.demo import DemoConfig, merge_variants
+from scoremerge import api
+from scoremerge.demo import DemoConfig, experiment, merge_variants, run_experiment
 from scoremerge.demo.checkpoints import cache_key, trained_models
 from scoremerge.demo.data import (ANGLES, CANVAS, N_CLASSES, load_digits_tensors, rotated_domains,
                                   split_indices, transform, upright_train)
@@ -108,25 +109,105 @@ def test_reference_backend_gives_the_same_accuracies(quick_run):
                 (label, angle)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
+def test_cuda_run_merges_the_same_experts_and_agrees_with_the_cpu(quick_run):
+    root, _, cpu = quick_run
+    out = root / "cuda"
+    assert main(["demo", "--quick", "--device", "cuda", "--out", str(out),
+                 "--cache", str(root / "cache")]) == 0
+    gpu = json.loads((out / "results.json").read_text())
+    assert gpu["training"]["trained"] == []
+    for section in ("merged", "tuned_alpha"):
+        for label, row in cpu[section].items():
+            for angle, acc in row["accuracy"].items():
+                if section == "tuned_alpha" and gpu[section][label]["alpha"][angle] != \
+                        row["alpha"][angle]:
+                    continue                        # a near-tie on validation may pick another alpha
+                assert abs(gpu[section][label]["accuracy"][angle] - acc) <= 1.01 / n_test(), \
+                    (section, label, angle)
+
+
+def tiny_config(**kw):
+    return DemoConfig(seed=3, angles=(0, 30, 60), vit=ViTConfig(dim=16, heads=2, mlp=16, depth=2),
+                      base_schedule=Schedule(epochs=1, lr=1e-3, batch=256),
+                      expert_schedule=Schedule(epochs=1, lr=1e-3, batch=256), **kw)
+
+
+def test_alpha_search_sees_only_the_source_domains_validation_splits(monkeypatch):
+    config = tiny_config(alpha_grid=(0.5, 1.0, 1.5))
+    seen = []
+    real = experiment._best_alpha
+
+    def spy(model, base, tau, val, grid):
+        seen.append(val)
+        return real(model, base, tau, val, grid)
+    monkeypatch.setattr(experiment, "_best_alpha", spy)
+    results = run_experiment(config, cache_dir=None, log=lambda m: None)
+
+    domains = {d.angle: d for d in rotated_domains(config.seed, config.angles)}
+    n_variants = len(merge_variants())
+    assert len(seen) == n_variants * len(config.angles)
+    for i, target in enumerate(config.angles):
+        sources = [a for a in config.angles if a != target]
+        expected = torch.cat([domains[a].val.x for a in sources])
+        for val in seen[i * n_variants:(i + 1) * n_variants]:
+            assert torch.equal(val.x, expected), target
+
+    # One entry recomputed by hand: mean merge for target 30, at the chosen alpha, on its sources.
+    base, experts, _ = trained_models(config, upright_train(config.seed), domains.values(), None,
+                                      log=lambda m: None)
+    tau = api.merge_task_vectors(api.task_vectors(base, [experts[0], experts[60]]), "mean")
+    row = results["tuned_alpha"]["mean"]
+    alpha = row["alpha"][30]
+    merged = {k: b + alpha * tau[k] if k in tau else b for k, b in base.items()}
+    model = TinyViT(config.vit)
+    model.load_state_dict(merged)
+    with torch.no_grad():
+        x = torch.cat([domains[0].val.x, domains[60].val.x])
+        y = torch.cat([domains[0].val.y, domains[60].val.y])
+        by_hand = (model.eval()(x).argmax(1) == y).float().mean().item()
+    assert row["val_accuracy"][30] == pytest.approx(by_hand, abs=1e-6)
+
+
+def test_a_cache_that_cannot_be_written_costs_the_cache_not_the_run(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("read-only file system")
+    monkeypatch.setattr("scoremerge.demo.checkpoints.save_state_dict", refuse)
+    messages = []
+    config = tiny_config()
+    base, experts, info = trained_models(config, upright_train(config.seed),
+                                         rotated_domains(config.seed, config.angles),
+                                         tmp_path / "cache", log=messages.append)
+    assert sorted(experts) == [0, 30, 60] and len(info["trained"]) == 4
+    assert sum("could not cache" in m and "read-only" in m for m in messages) == 4
+
+
 def test_training_is_deterministic_and_a_bad_cache_entry_is_retrained(tmp_path):
-    config = DemoConfig(seed=3, angles=(0, 30), vit=ViTConfig(dim=16, heads=2, mlp=16, depth=2),
-                        base_schedule=Schedule(epochs=1, lr=1e-3, batch=256),
-                        expert_schedule=Schedule(epochs=1, lr=1e-3, batch=256))
+    """Same weights with or without the cache, whatever the caller's thread count."""
+    config = tiny_config()
     upright = upright_train(config.seed)
     domains = rotated_domains(config.seed, config.angles)
     base1, experts1, info1 = trained_models(config, upright, domains, tmp_path, log=lambda m: None)
-    base2, experts2, _ = trained_models(config, upright, domains, None, log=lambda m: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        base2, experts2, _ = trained_models(config, upright, domains, None, log=lambda m: None)
+    finally:
+        torch.set_num_threads(threads)
     assert all(torch.equal(base1[k], base2[k]) for k in base1)
     assert all(torch.equal(experts1[30][k], experts2[30][k]) for k in base1)
     assert not all(torch.equal(experts1[30][k], base1[k]) for k in base1)
 
     folder = tmp_path / cache_key(config.training_settings())
-    assert sorted(p.name for p in folder.iterdir()) == ["base", "expert-0", "expert-30"]
+    assert sorted(p.name for p in folder.iterdir()) == ["base", "expert-0", "expert-30",
+                                                          "expert-60"]
     shard = folder / "expert-30" / "model.safetensors"
     shard.write_bytes(shard.read_bytes()[:100])                         # truncated on disk
     messages = []
     _, experts3, info3 = trained_models(config, upright, domains, tmp_path, log=messages.append)
-    assert info3["trained"] == ["expert-30"] and info3["loaded"] == ["base", "expert-0"]
+    assert info3["trained"] == ["expert-30"] and info3["loaded"] == ["base", "expert-0",
+                                                                     "expert-60"]
     assert "expert-30" in messages[0] and "retraining" in messages[0]
     assert all(torch.equal(experts1[30][k], experts3[30][k]) for k in base1)
 
@@ -142,12 +223,18 @@ def test_cache_key_changes_with_every_training_setting():
 
 @pytest.mark.parametrize("argv, message", [
     (["--cache", "c", "--no-cache"], "contradict"),
+    (["--cache", ""], "needs a folder"),
     (["--device", "nonsense"], "not a torch device"),
+    (["--device", "cpu", "--backend", "cuda"], "backend 'cuda'"),
+    (["--cache", "{tmp}/a-file"], "not a folder"),
 ])
-def test_demo_bad_arguments_exit_2(tmp_path, capsys, argv, message):
+def test_demo_bad_arguments_exit_2_before_any_training(tmp_path, capsys, argv, message):
+    (tmp_path / "a-file").write_text("keep me")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert main(["demo", "--quick", "--out", str(tmp_path / "o"), *argv]) == 2
     assert message in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+    assert (tmp_path / "a-file").read_text() == "keep me"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -55,7 +55,7 @@ def demo_config(*, seed=0, device="cpu", backend="auto", quick=False, tune_alpha
                           base_schedule=Schedule(epochs=12, lr=3e-3, weight_decay=0.05,
                                                  warmup_steps=10),
                           expert_schedule=Schedule(epochs=4, lr=1e-3),
-                          alpha_grid=(0.3, 0.6, 1.0) if tune_alpha else ())
+                          alpha_grid=(0.3, 0.6, 1.0, 1.3) if tune_alpha else ())
     return DemoConfig(seed=seed, device=device, backend=backend,
                       alpha_grid=ALPHA_GRID if tune_alpha else ())
 

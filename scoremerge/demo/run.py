@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from .. import api
 from .._version import __version__
 from ..errors import MergeInputError
 from .checkpoints import default_cache_dir
@@ -15,39 +16,63 @@ from .report import format_table, plot, write_json
 _NEEDS = {"sklearn": "scikit-learn", "matplotlib": "matplotlib"}
 
 
-def check_requirements(device):
-    """Fail before any training: missing packages or an unusable device."""
+class _DefaultCache:
+    """run_demo's default cache_dir: default_cache_dir(), resolved when called."""
+
+    def __repr__(self):
+        return "~/.cache/scoremerge/demo"
+
+
+DEFAULT_CACHE = _DefaultCache()
+
+
+def check_requirements(config):
+    """Fail before any training: missing packages, an unusable device, or a merge backend that
+    cannot run there (probed with a tiny merge, so the error is the backend's own)."""
     missing = [pkg for mod, pkg in _NEEDS.items() if importlib.util.find_spec(mod) is None]
     if missing:
         raise MergeInputError(f"the demo needs {' and '.join(missing)}: "
                               "pip install 'scoremerge[demo]'")
     try:
-        dev = torch.device(device)
+        dev = torch.device(config.device)
     except RuntimeError:
-        raise MergeInputError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1)") \
-            from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MergeInputError(f"--device {device}: torch sees no CUDA device here")
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise MergeInputError(f"--device {device}: only {torch.cuda.device_count()} CUDA "
-                              "device(s) here")
+        raise MergeInputError(f"--device {config.device!r} is not a torch device (cpu, cuda, "
+                              "cuda:1)") from None
     if dev.type not in ("cpu", "cuda"):
-        raise MergeInputError(f"--device {device}: the demo runs on cpu or cuda")
+        raise MergeInputError(f"--device {config.device}: the demo runs on cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MergeInputError(f"--device {config.device}: torch sees no CUDA device here")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise MergeInputError(f"--device {config.device}: only {torch.cuda.device_count()} CUDA "
+                              "device(s) here")
+    probe = [{"w": torch.randn(6, 5, generator=torch.Generator().manual_seed(t))} for t in (0, 1)]
+    api.merge_task_vectors(probe, "score", backend=config.backend, device=dev)
 
 
-def run_demo(config, out="runs/demo", cache_dir="default", retrain=False, log=print, command=None):
+def _ready_folder(path, flag):
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise MergeInputError(f"{flag} {path}: exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MergeInputError(f"{flag} {path}: cannot create the folder: {e}") from None
+    return path
+
+
+def run_demo(config, out="runs/demo", cache_dir=DEFAULT_CACHE, retrain=False, log=print,
+             command=None):
     """Run the benchmark for `config` (demo_config(...)); print the table; write results.json and
-    accuracy.png under `out`. cache_dir: trained models ("default": ~/.cache/scoremerge/demo;
-    None: train in memory, cache nothing). command: recorded in results.json. Returns the results
-    dict."""
-    check_requirements(config.device)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise MergeInputError(f"--out {out}: exists and is not a folder")
-    cache = default_cache_dir() if cache_dir == "default" else cache_dir
+    accuracy.png under `out`. cache_dir: a folder for the trained models (default:
+    ~/.cache/scoremerge/demo), or None to train in memory and cache nothing. command: recorded
+    in results.json. Returns the results dict."""
+    check_requirements(config)
+    cache = default_cache_dir() if cache_dir is DEFAULT_CACHE else cache_dir
+    if cache is not None and Path(cache).exists() and not Path(cache).is_dir():
+        raise MergeInputError(f"--cache {cache}: exists and is not a folder")
+    out = _ready_folder(out, "--out")
     results = run_experiment(config, cache, retrain, log)
     results["environment"] = {**_environment(config.device), "command": command}
-    out.mkdir(parents=True, exist_ok=True)
     write_json(results, out / "results.json")
     plot(results, out / "accuracy.png")
     log(format_table(results))

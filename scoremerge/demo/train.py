@@ -57,8 +57,9 @@ def fit(model, split, schedule, generator, augment=False):
 def pretrain(config, split, schedule, seed):
     """The base: a fresh TinyViT trained on `split` (upright digits) with light augmentation.
     Trains on split's device; returns a CPU state dict."""
-    torch.manual_seed(seed)
-    model = TinyViT(config).to(split.x.device)
+    with torch.random.fork_rng(devices=[]):          # seed the initialisation, not the caller
+        torch.manual_seed(seed)
+        model = TinyViT(config).to(split.x.device)
     fit(model, split, schedule, torch.Generator().manual_seed(seed), augment=True)
     return _cpu_state(model)
 
