@@ -1,13 +1,18 @@
 """Backend choice (DESIGN.md): SCOREMERGE_BACKEND or backend= is auto | cuda | triton | torch.
 
-`auto` takes the fastest backend that can run the op on the device and falls back quietly;
-a backend named explicitly that cannot run raises BackendUnavailableError saying why.
+`auto` takes the fastest backend that implements the op and can run on the device (Triton only
+on a GPU: its CPU interpreter is for tests), and falls back quietly. A backend named explicitly
+must be able to run on the device, or BackendUnavailableError says why; it is then used for every
+op it implements, and ops it does not implement yet take auto's choice (so backend="triton" runs
+SCORE's projection and reconstruction in Triton and its SVDs in torch until those have kernels).
 """
 import os
 
 from .errors import BackendUnavailableError, MergeInputError
+from .kernels import triton as triton_kernels
 
 BACKENDS = ("auto", "cuda", "triton", "torch")
+_PREFERENCE = ("cuda", "triton", "torch")
 
 
 def requested(backend):
@@ -18,19 +23,26 @@ def requested(backend):
     return name
 
 
-def resolve(op, backend, device, available):
-    """Pick the backend for `op` on `device`.
+def unavailable_reason(name, device):
+    """None when backend `name` can run on `device`, else why not."""
+    if name == "torch":
+        return None
+    if name == "triton":
+        return triton_kernels.unavailable_reason(device)
+    return "the CUDA extension (csrc/) has no kernels yet"
 
-    available: dict backend -> None if it can run, else the reason it cannot. Ops list only the
-    backends that implement them; `torch` is always there.
-    """
+
+def resolve(op, backend, device, implemented):
+    """The backend that runs `op` on `device`; implemented: the backends with a kernel for op."""
     name = requested(backend)
     if name != "auto":
-        reason = available.get(name, f"scoremerge has no {name} implementation of {op} yet")
+        reason = unavailable_reason(name, device)
         if reason is not None:
             raise BackendUnavailableError(f"backend {name!r} cannot run {op} on {device}: {reason}")
-        return name
-    for name in ("cuda", "triton", "torch"):
-        if name in available and available[name] is None:
+        if name in implemented:
+            return name
+    for name in _PREFERENCE:
+        if name in implemented and (name != "triton" or device.type == "cuda") \
+                and unavailable_reason(name, device) is None:
             return name
     return "torch"

@@ -95,5 +95,7 @@ def test_bad_shapes_and_backends_are_named():
         ops.project_and_mask(randn(1, 2, 9, 6), randn(1, 9, 3), randn(1, 4, 6))
     with pytest.raises(TypeError, match="float32 or float64"):
         ops.polar(torch.ones(2, 3, 3, dtype=torch.int64))
-    with pytest.raises(BackendUnavailableError, match="no triton implementation of polar"):
-        ops.polar(randn(1, 4, 3), backend="triton")
+    with pytest.raises(BackendUnavailableError, match="backend 'cuda' cannot run polar on cpu"):
+        ops.polar(randn(1, 4, 3), backend="cuda")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        ops.reconstruct(randn(1, 4, 3), randn(1, 3, 3), randn(1, 3, 5), precision="bf16")

@@ -17,3 +17,11 @@ def check_same(what, **tensors):
     values = {name: getattr(t, what) for name, t in tensors.items()}
     if len(set(values.values())) > 1:
         raise ValueError(f"{what} differ: " + ", ".join(f"{n}={v}" for n, v in values.items()))
+
+
+PRECISIONS = ("ieee", "tf32x3", "tf32")
+
+
+def check_precision(precision):
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")

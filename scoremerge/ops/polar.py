@@ -11,6 +11,6 @@ def polar(A, *, backend="auto"):
     >>> Q = polar(torch.randn(4, 30, 20))   # Q.mT @ Q == I
     """
     check_matrix_batch("A", A, ndim=2)
-    resolve("polar", backend, A.device, {"torch": None})
+    resolve("polar", backend, A.device, ("torch",))
     out = torch_linalg.polar(A.reshape(-1, *A.shape[-2:]))
     return out.reshape(A.shape)

@@ -1,12 +1,14 @@
 """ops.reconstruct: Ustar S Vstar, optionally added to a base and cast on store."""
 from ..backend import resolve
 from ..kernels.torch import projection as torch_projection
-from ._checks import check_matrix_batch, check_same
+from ._checks import check_matrix_batch, check_precision, check_same
 
 
-def reconstruct(Ustar, S, Vstar, *, base=None, alpha=1.0, out_dtype=None, backend="auto"):
+def reconstruct(Ustar, S, Vstar, *, base=None, alpha=1.0, out_dtype=None, precision="ieee",
+                backend="auto"):
     """Ustar [B, m, p] @ S [B, p, q] @ Vstar [B, q, n] -> [B, m, n], or base + alpha * that when
     base [B, m, n] is given (any float dtype), cast to out_dtype (default: S's dtype).
+    precision: as in project_and_mask (Triton only).
 
     >>> W = reconstruct(Ustar, S, Vstar, base=W0, alpha=1.0, out_dtype=torch.bfloat16)
     """
@@ -20,5 +22,10 @@ def reconstruct(Ustar, S, Vstar, *, base=None, alpha=1.0, out_dtype=None, backen
                          f"Vstar {tuple(Vstar.shape)}")
     if base is not None and base.shape != (B, m, Vstar.shape[2]):
         raise ValueError(f"base must be [{B}, {m}, {Vstar.shape[2]}], got {tuple(base.shape)}")
-    resolve("reconstruct", backend, Ustar.device, {"torch": None})
+    if base is not None and base.device != Ustar.device:
+        raise ValueError(f"base is on {base.device}, the factors on {Ustar.device}")
+    check_precision(precision)
+    if resolve("reconstruct", backend, Ustar.device, ("triton", "torch")) == "triton":
+        from ..kernels.triton.reconstruct import reconstruct as triton_reconstruct
+        return triton_reconstruct(Ustar, S, Vstar, base, alpha, out_dtype or S.dtype, precision)
     return torch_projection.reconstruct(Ustar, S, Vstar, base, alpha, out_dtype or S.dtype)

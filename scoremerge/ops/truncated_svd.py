@@ -19,7 +19,7 @@ def truncated_svd(A, k, *, backend="auto"):
     r = min(A.shape[-2:])
     if not 1 <= k <= r:
         raise ValueError(f"k must be in 1..min(m, n) = {r}, got {k} for A of shape {tuple(A.shape)}")
-    resolve("truncated_svd", backend, A.device, {"torch": None})
+    resolve("truncated_svd", backend, A.device, ("torch",))
     lead = A.shape[:-2]
     U, S, Vh = torch_linalg.truncated_svd(A.reshape(-1, *A.shape[-2:]), k)
     U, Vh = canonical_signs(U, Vh)

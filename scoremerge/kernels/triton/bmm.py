@@ -1,0 +1,86 @@
+"""A batched GEMM with SCORE's two epilogues, shared by project_and_mask and reconstruct.
+
+C[z] = A[z // a_div] @ B[z // b_div] for z in range(Z): the shared bases of one key serve all T
+of its tasks without being copied (a_div or b_div = T). Epilogues, chosen at compile time:
+  STATS: per output tile, the sum and sum of squares of the off-diagonal entries (row != col),
+         written to partial[z, tile] in a fixed order, so the statistics need no second pass over
+         C and no atomics (results are the same run after run);
+  AXPBY: C = base + alpha * acc, cast to C's dtype on store (the reconstruction).
+Accumulation is fp32 for fp32 inputs (fp64 for fp64); PRECISION picks tl.dot's input precision.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _bmm_kernel(a_ptr, b_ptr, c_ptr, base_ptr, partial_ptr,
+                M, N, K, a_div, b_div, alpha,
+                stride_az, stride_am, stride_ak,
+                stride_bz, stride_bk, stride_bn,
+                stride_cz, stride_cm, stride_cn,
+                stride_basez, stride_basem, stride_basen,
+                STATS: tl.constexpr, AXPBY: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    z = tl.program_id(2).to(tl.int64)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + (z // a_div) * stride_az + rm[:, None] * stride_am + rk[None, :] * stride_ak
+    b_ptrs = b_ptr + (z // b_div) * stride_bz + rk[:, None] * stride_bk + rn[None, :] * stride_bn
+    acc_dtype = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] + k0 < K), other=0.0)
+        b = tl.load(b_ptrs, mask=(rk[:, None] + k0 < K) & (rn[None, :] < N), other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    inside = (rm[:, None] < M) & (rn[None, :] < N)
+    if STATS:
+        off = tl.where(inside & (rm[:, None] != rn[None, :]), acc, 0.0)
+        tile = pid_m * tl.num_programs(1) + pid_n
+        n_tiles = tl.num_programs(0) * tl.num_programs(1)
+        slot = partial_ptr + (z * n_tiles + tile) * 2
+        tl.store(slot, tl.sum(tl.sum(off, axis=1), axis=0))
+        tl.store(slot + 1, tl.sum(tl.sum(off * off, axis=1), axis=0))
+    if AXPBY:
+        base = tl.load(base_ptr + z * stride_basez + rm[:, None] * stride_basem
+                       + rn[None, :] * stride_basen, mask=inside, other=0.0)
+        acc = base.to(acc_dtype) + alpha * acc
+    c_ptrs = c_ptr + z * stride_cz + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=inside)
+
+
+def block_sizes(M, N, K, dtype_bytes):
+    """Tile sizes: 64x64 output tiles with 32-deep K steps for fp32 (a Hopper SM holds two such
+    pipelines' operands in shared memory comfortably), halved K for fp64; small problems get
+    16-wide tiles so the interpreter and odd shapes waste little."""
+    bm = 64 if M > 32 else 16
+    bn = 64 if N > 32 else 16
+    bk = (32 if dtype_bytes <= 4 else 16) if K > 16 else 16
+    return bm, bn, bk
+
+
+def bmm(a, b, out, *, a_div=1, b_div=1, base=None, alpha=1.0, partial=None, precision="ieee"):
+    """out[z] = a[z // a_div] @ b[z // b_div] (+ epilogues, see the module docstring).
+
+    a [Za, M, K], b [Zb, K, N], out [Z, M, N] (any strides); base [Z, M, N] or None; partial:
+    an fp64 or fp32 tensor [Z, tiles_m * tiles_n, 2] to receive the off-diagonal statistics, or
+    None. Returns (out, (tiles_m, tiles_n))."""
+    Z, M, N = out.shape
+    K = a.shape[-1]
+    bm, bn, bk = block_sizes(M, N, K, a.element_size())
+    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn), Z)
+    base_t = base if base is not None else out
+    _bmm_kernel[grid](
+        a, b, out, base_t, partial if partial is not None else out,
+        M, N, K, a_div, b_div, float(alpha),
+        a.stride(0), a.stride(1), a.stride(2),
+        b.stride(0), b.stride(1), b.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        base_t.stride(0), base_t.stride(1), base_t.stride(2),
+        STATS=partial is not None, AXPBY=base is not None, PRECISION=precision,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    return out, grid[:2]

@@ -1,0 +1,106 @@
+"""SCORE's projection into the shared basis with diagonal masking, for B keys of one shape.
+
+Two launches of the batched GEMM (bmm.py) over all B*T task matrices, in the cheaper order; the
+second writes M [B*T, p, p] and, in its epilogue, each tile's off-diagonal sum and sum of squares.
+Then one mask-and-sum launch reads M once: per (key, output tile) it loops over the T tasks,
+reduces that task's tile statistics in a fixed order to the mean and Bessel-corrected standard
+deviation, masks and accumulates, and writes S [B, p, p].
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .bmm import bmm
+
+VARIANT_CODES = {"full": 0, "diag": 1, "offdiag": 2, "untrimmed": 3}
+
+
+@triton.jit
+def _mask_sum_kernel(m_ptr, partial_ptr, s_ptr,
+                     T, P, n_tiles, threshold_scale,
+                     stride_mz, stride_mi, stride_mj,
+                     stride_sb, stride_si, stride_sj,
+                     VARIANT: tl.constexpr, BLOCK: tl.constexpr, TILES_BLOCK: tl.constexpr):
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    ri = pid_i * BLOCK + tl.arange(0, BLOCK)
+    rj = pid_j * BLOCK + tl.arange(0, BLOCK)
+    inside = (ri[:, None] < P) & (rj[None, :] < P)
+    on_diag = ri[:, None] == rj[None, :]
+    n_entries = P.to(tl.float64) * P
+    acc_dtype = tl.float64 if m_ptr.dtype.element_ty == tl.float64 else tl.float32
+    acc = tl.zeros((BLOCK, BLOCK), dtype=acc_dtype)
+    for t in range(T):
+        z = b * T + t
+        M = tl.load(m_ptr + z * stride_mz + ri[:, None] * stride_mi + rj[None, :] * stride_mj,
+                    mask=inside, other=0.0).to(acc_dtype)
+        if VARIANT == 3:
+            acc += M
+        else:
+            if VARIANT != 2:
+                acc += tl.where(on_diag, M, 0.0)
+            if VARIANT != 1:
+                total = tl.zeros((), dtype=tl.float64)
+                squares = tl.zeros((), dtype=tl.float64)
+                for s0 in range(0, n_tiles, TILES_BLOCK):
+                    rs = s0 + tl.arange(0, TILES_BLOCK)
+                    slot = partial_ptr + (z * n_tiles + rs) * 2
+                    total += tl.sum(tl.load(slot, mask=rs < n_tiles, other=0.0), axis=0)
+                    squares += tl.sum(tl.load(slot + 1, mask=rs < n_tiles, other=0.0), axis=0)
+                mu = total / n_entries
+                var = tl.maximum((squares - total * mu) / (n_entries - 1), 0.0)
+                threshold = threshold_scale * tl.sqrt(var)
+                off = tl.where(on_diag, 0.0, M)
+                keep = (tl.abs(off.to(tl.float64) - mu) <= threshold) & (~on_diag)
+                acc += tl.where(keep, off, 0.0)
+    tl.store(s_ptr + b * stride_sb + ri[:, None] * stride_si + rj[None, :] * stride_sj,
+             acc.to(s_ptr.dtype.element_ty), mask=inside)
+
+
+def project(tau, Ustar, Vstar, precision, partial=None):
+    """M [B*T, p, p] = Ustar^T tau_t Vstar^T for every (key, task); optionally the off-diagonal
+    tile statistics of M into `partial`. Returns (M, tile grid of M)."""
+    B, T, m, n = tau.shape
+    p = Ustar.shape[-1]
+    tau_z = tau.reshape(B * T, m, n)
+    M = torch.empty(B * T, p, p, dtype=tau.dtype, device=tau.device)
+    if n <= m:                 # X = Ustar^T tau_t is [p, n]: the smaller intermediate
+        X = torch.empty(B * T, p, n, dtype=tau.dtype, device=tau.device)
+        bmm(Ustar.mT, tau_z, X, a_div=T, precision=precision)
+        return bmm(X, Vstar.mT, M, b_div=T, partial=partial, precision=precision)
+    Y = torch.empty(B * T, m, p, dtype=tau.dtype, device=tau.device)
+    bmm(tau_z, Vstar.mT, Y, b_div=T, precision=precision)
+    return bmm(Ustar.mT, Y, M, a_div=T, partial=partial, precision=precision)
+
+
+def tile_count(p, dtype_bytes):
+    from .bmm import block_sizes
+    bm, bn, _ = block_sizes(p, p, p, dtype_bytes)
+    return triton.cdiv(p, bm) * triton.cdiv(p, bn)
+
+
+def project_and_mask(tau, Ustar, Vstar, variant, trim_multiplier, trim_per_task,
+                     precision="ieee"):
+    """S [B, p, p]; the arguments as ops.project_and_mask."""
+    B, T, m, n = tau.shape
+    p = Ustar.shape[-1]
+    if p == 1 and variant in ("full", "offdiag"):     # no off-diagonal entries to mask
+        variant = "diag" if variant == "full" else "zero"
+    if variant == "zero":
+        return torch.zeros(B, 1, 1, dtype=tau.dtype, device=tau.device)
+    needs_stats = variant in ("full", "offdiag")
+    partial = (torch.empty(B * T, tile_count(p, tau.element_size()), 2, dtype=torch.float64,
+                           device=tau.device) if needs_stats else None)
+    M, _ = project(tau, Ustar, Vstar, precision, partial)
+    S = torch.empty(B, p, p, dtype=tau.dtype, device=tau.device)
+    block = 32 if p > 16 else 16
+    n_tiles = partial.shape[1] if needs_stats else 1
+    scale = trim_multiplier / T if trim_per_task else trim_multiplier
+    grid = (triton.cdiv(p, block), triton.cdiv(p, block), B)
+    _mask_sum_kernel[grid](
+        M, partial if needs_stats else M, S, T, p, n_tiles, float(scale),
+        M.stride(0), M.stride(1), M.stride(2), S.stride(0), S.stride(1), S.stride(2),
+        VARIANT=VARIANT_CODES[variant], BLOCK=block,
+        TILES_BLOCK=max(16, triton.next_power_of_2(min(n_tiles, 256))))
+    return S
