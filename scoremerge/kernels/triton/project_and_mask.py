@@ -10,14 +10,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .bmm import bmm
+from .bmm import bmm, stats_slots
 
 VARIANT_CODES = {"full": 0, "diag": 1, "offdiag": 2, "untrimmed": 3}
 
 
 @triton.jit
 def _mask_sum_kernel(m_ptr, partial_ptr, s_ptr,
-                     T, P, n_tiles, threshold_scale,
+                     T, P, n_tiles, n_entries, threshold_scale,
                      stride_mz, stride_mi, stride_mj,
                      stride_sb, stride_si, stride_sj,
                      VARIANT: tl.constexpr, BLOCK: tl.constexpr, TILES_BLOCK: tl.constexpr):
@@ -28,7 +28,6 @@ def _mask_sum_kernel(m_ptr, partial_ptr, s_ptr,
     rj = pid_j * BLOCK + tl.arange(0, BLOCK)
     inside = (ri[:, None] < P) & (rj[None, :] < P)
     on_diag = ri[:, None] == rj[None, :]
-    n_entries = P.to(tl.float64) * P
     acc_dtype = tl.float64 if m_ptr.dtype.element_ty == tl.float64 else tl.float32
     acc = tl.zeros((BLOCK, BLOCK), dtype=acc_dtype)
     for t in range(T):
@@ -60,7 +59,7 @@ def _mask_sum_kernel(m_ptr, partial_ptr, s_ptr,
 
 def project(tau, Ustar, Vstar, precision, partial=None):
     """M [B*T, p, p] = Ustar^T tau_t Vstar^T for every (key, task); optionally the off-diagonal
-    tile statistics of M into `partial`. Returns (M, tile grid of M)."""
+    tile statistics of M into `partial` (see bmm)."""
     B, T, m, n = tau.shape
     p = Ustar.shape[-1]
     tau_z = tau.reshape(B * T, m, n)
@@ -74,32 +73,27 @@ def project(tau, Ustar, Vstar, precision, partial=None):
     return bmm(Ustar.mT, Y, M, a_div=T, partial=partial, precision=precision)
 
 
-def tile_count(p, dtype_bytes):
-    from .bmm import block_sizes
-    bm, bn, _ = block_sizes(p, p, p, dtype_bytes)
-    return triton.cdiv(p, bm) * triton.cdiv(p, bn)
-
-
 def project_and_mask(tau, Ustar, Vstar, variant, trim_multiplier, trim_per_task,
                      precision="ieee"):
     """S [B, p, p]; the arguments as ops.project_and_mask."""
     B, T, m, n = tau.shape
     p = Ustar.shape[-1]
+    precision = precision if tau.dtype == torch.float32 else "ieee"     # tf32 is for fp32 only
     if p == 1 and variant in ("full", "offdiag"):     # no off-diagonal entries to mask
         variant = "diag" if variant == "full" else "zero"
     if variant == "zero":
         return torch.zeros(B, 1, 1, dtype=tau.dtype, device=tau.device)
     needs_stats = variant in ("full", "offdiag")
-    partial = (torch.empty(B * T, tile_count(p, tau.element_size()), 2, dtype=torch.float64,
+    partial = (torch.zeros(B * T, stats_slots(p, p, tau.element_size()), 2, dtype=torch.float64,
                            device=tau.device) if needs_stats else None)
-    M, _ = project(tau, Ustar, Vstar, precision, partial)
+    M = project(tau, Ustar, Vstar, precision, partial)
     S = torch.empty(B, p, p, dtype=tau.dtype, device=tau.device)
     block = 32 if p > 16 else 16
     n_tiles = partial.shape[1] if needs_stats else 1
     scale = trim_multiplier / T if trim_per_task else trim_multiplier
     grid = (triton.cdiv(p, block), triton.cdiv(p, block), B)
     _mask_sum_kernel[grid](
-        M, partial if needs_stats else M, S, T, p, n_tiles, float(scale),
+        M, partial if needs_stats else M, S, T, p, n_tiles, float(p * p), float(scale),
         M.stride(0), M.stride(1), M.stride(2), S.stride(0), S.stride(1), S.stride(2),
         VARIANT=VARIANT_CODES[variant], BLOCK=block,
         TILES_BLOCK=max(16, triton.next_power_of_2(min(n_tiles, 256))))
