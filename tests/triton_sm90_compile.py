@@ -46,9 +46,8 @@ for dt in ("fp32", "fp64"):
 k = pm._mask_sum_kernel
 for dt in ("fp32", "fp64"):
     for variant in (0, 1, 2, 3):
-        types = {"m_ptr": f"*{dt}", "partial_ptr": "*fp64", "s_ptr": f"*{dt}",
-                 "n_entries": "fp32", "threshold_scale": "fp32"}
-        cx = {"VARIANT": variant, "BLOCK": 32, "TILES_BLOCK": 64}
+        types = {"m_ptr": f"*{dt}", "stats_ptr": "*fp64", "s_ptr": f"*{dt}"}
+        cx = {"VARIANT": variant, "BLOCK": 32}
         src = ASTSource(fn=k, signature=sig_for(k, types, cx), constexprs=constexpr_slots(k, cx))
         out = triton.compile(src, target=target, options={"num_warps": 4})
         print("mask", dt, variant, "ok", len(out.asm["cubin"]))

@@ -3,8 +3,8 @@
 C[z] = A[z // a_div] @ B[z // b_div] for z in range(Z): the shared bases of one key serve all T
 of its tasks without being copied (a_div or b_div = T). Epilogues, chosen at compile time:
   STATS: per output tile, the sum and sum of squares of the off-diagonal entries (row != col),
-         written to partial[z, tile] in a fixed order, so the statistics need no second pass over
-         C and no atomics (results are the same run after run);
+         written to partial[z, tile], so the statistics need no second pass over C and no
+         atomics (reduced afterwards in a fixed order: results are the same run after run);
   AXPBY: C = base + alpha * acc, cast to C's dtype on store (the reconstruction).
 Accumulation is fp32 for fp32 inputs (fp64 for fp64); PRECISION picks tl.dot's input precision.
 On a GPU the tile sizes are autotuned (_gpu_configs); the interpreter uses fixed small tiles.
@@ -69,7 +69,13 @@ def _gpu_configs():
                                   (64, 128, 4, 4), (64, 64, 4, 4))]
 
 
-_FINEST_TILE = 64          # the smallest BLOCK_M / BLOCK_N in _gpu_configs
+# The statistics epilogue writes one slot per output tile, so its tiling is fixed (only warps
+# and stages are tuned): the slots are then known before the launch, and every one is written.
+STATS_TILE = 128
+
+
+def _stats_configs():
+    return [c for c in _gpu_configs() if c.kwargs["BLOCK_M"] == c.kwargs["BLOCK_N"] == STATS_TILE]
 
 
 def interpreter_block_sizes(M, N, K, dtype_bytes):
@@ -81,25 +87,26 @@ def interpreter_block_sizes(M, N, K, dtype_bytes):
 
 
 def stats_slots(M, N, dtype_bytes):
-    """Length of the per-output-tile statistics buffer: enough for the finest tiling that may
-    be chosen; slots a coarser tiling leaves unwritten must hold zeros."""
+    """Number of output tiles of the statistics GEMM, one statistics slot each."""
     if INTERPRETED:
         bm, bn, _ = interpreter_block_sizes(M, N, M, dtype_bytes)
     else:
-        bm = bn = _FINEST_TILE
+        bm = bn = STATS_TILE
     return triton.cdiv(M, bm) * triton.cdiv(N, bn)
 
 
-_bmm = _bmm_kernel if INTERPRETED else triton.autotune(
-    _gpu_configs(), key=["M", "N", "K", "STATS", "AXPBY", "PRECISION"])(_bmm_kernel)
+_KEY = ["M", "N", "K", "STATS", "AXPBY", "PRECISION"]
+_bmm_plain = _bmm_kernel if INTERPRETED else triton.autotune(_gpu_configs(), key=_KEY)(_bmm_kernel)
+_bmm_stats = _bmm_kernel if INTERPRETED else triton.autotune(_stats_configs(), key=_KEY)(
+    _bmm_kernel)
 
 
 def bmm(a, b, out, *, a_div=1, b_div=1, base=None, alpha=1.0, partial=None, precision="ieee"):
     """out[z] = a[z // a_div] @ b[z // b_div] (+ epilogues, see the module docstring).
 
     a [Za, M, K], b [Zb, K, N], out [Z, M, N] (any strides); base [Z, M, N] or None; partial: a
-    zero-filled float64 tensor [Z, stats_slots(M, N), 2] to receive the off-diagonal statistics,
-    or None."""
+    float64 tensor [Z, stats_slots(M, N), 2] to receive each output tile's off-diagonal sum and
+    sum of squares, or None."""
     Z, M, N = out.shape
     K = a.shape[-1]
     base_t = base if base is not None else out
@@ -112,9 +119,10 @@ def bmm(a, b, out, *, a_div=1, b_div=1, base=None, alpha=1.0, partial=None, prec
     flags = dict(STATS=partial is not None, AXPBY=base is not None, PRECISION=precision)
     if INTERPRETED:
         bm, bn, bk = interpreter_block_sizes(M, N, K, a.element_size())
-        _bmm[(triton.cdiv(M, bm), triton.cdiv(N, bn), Z)](*args, **flags, BLOCK_M=bm, BLOCK_N=bn,
-                                                           BLOCK_K=bk)
+        _bmm_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn), Z)](*args, **flags, BLOCK_M=bm,
+                                                                  BLOCK_N=bn, BLOCK_K=bk)
     else:
-        _bmm[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), Z)](
+        kernel = _bmm_stats if partial is not None else _bmm_plain
+        kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), Z)](
             *args, **flags)
     return out

@@ -2,9 +2,9 @@
 
 Two launches of the batched GEMM (bmm.py) over all B*T task matrices, in the cheaper order; the
 second writes M [B*T, p, p] and, in its epilogue, each tile's off-diagonal sum and sum of squares.
-Then one mask-and-sum launch reads M once: per (key, output tile) it loops over the T tasks,
-reduces that task's tile statistics in a fixed order to the mean and Bessel-corrected standard
-deviation, masks and accumulates, and writes S [B, p, p].
+A small torch reduction turns those into a mean and threshold per task matrix (B*T pairs), and
+one mask-and-sum launch reads M once: per (key, output tile) it loops over the T tasks, masks and
+accumulates, and writes S [B, p, p].
 """
 import torch
 import triton
@@ -16,11 +16,10 @@ VARIANT_CODES = {"full": 0, "diag": 1, "offdiag": 2, "untrimmed": 3}
 
 
 @triton.jit
-def _mask_sum_kernel(m_ptr, partial_ptr, s_ptr,
-                     T, P, n_tiles, n_entries, threshold_scale,
+def _mask_sum_kernel(m_ptr, stats_ptr, s_ptr, T, P,
                      stride_mz, stride_mi, stride_mj,
                      stride_sb, stride_si, stride_sj,
-                     VARIANT: tl.constexpr, BLOCK: tl.constexpr, TILES_BLOCK: tl.constexpr):
+                     VARIANT: tl.constexpr, BLOCK: tl.constexpr):
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -40,21 +39,24 @@ def _mask_sum_kernel(m_ptr, partial_ptr, s_ptr,
             if VARIANT != 2:
                 acc += tl.where(on_diag, M, 0.0)
             if VARIANT != 1:
-                total = tl.zeros((), dtype=tl.float64)
-                squares = tl.zeros((), dtype=tl.float64)
-                for s0 in range(0, n_tiles, TILES_BLOCK):
-                    rs = s0 + tl.arange(0, TILES_BLOCK)
-                    slot = partial_ptr + (z * n_tiles + rs) * 2
-                    total += tl.sum(tl.load(slot, mask=rs < n_tiles, other=0.0), axis=0)
-                    squares += tl.sum(tl.load(slot + 1, mask=rs < n_tiles, other=0.0), axis=0)
-                mu = total / n_entries
-                var = tl.maximum((squares - total * mu) / (n_entries - 1), 0.0)
-                threshold = threshold_scale * tl.sqrt(var)
+                mu = tl.load(stats_ptr + z * 2)
+                threshold = tl.load(stats_ptr + z * 2 + 1)
                 off = tl.where(on_diag, 0.0, M)
                 keep = (tl.abs(off.to(tl.float64) - mu) <= threshold) & (~on_diag)
                 acc += tl.where(keep, off, 0.0)
     tl.store(s_ptr + b * stride_sb + ri[:, None] * stride_si + rj[None, :] * stride_sj,
              acc.to(s_ptr.dtype.element_ty), mask=inside)
+
+
+def mask_statistics(partial, p, scale):
+    """[Z, 2] float64 (mean, threshold) per task matrix from its tiles' off-diagonal sums and
+    sums of squares: mean and Bessel-corrected sd over all p*p entries of M with its diagonal
+    zeroed, threshold = scale * sd."""
+    total, squares = partial.sum(dim=1).unbind(-1)
+    n = p * p
+    mu = total / n
+    sd = ((squares - total * mu) / (n - 1)).clamp_min(0.0).sqrt()
+    return torch.stack([mu, scale * sd], dim=-1).contiguous()
 
 
 def project(tau, Ustar, Vstar, precision, partial=None):
@@ -84,17 +86,15 @@ def project_and_mask(tau, Ustar, Vstar, variant, trim_multiplier, trim_per_task,
     if variant == "zero":
         return torch.zeros(B, 1, 1, dtype=tau.dtype, device=tau.device)
     needs_stats = variant in ("full", "offdiag")
-    partial = (torch.zeros(B * T, stats_slots(p, p, tau.element_size()), 2, dtype=torch.float64,
+    partial = (torch.empty(B * T, stats_slots(p, p, tau.element_size()), 2, dtype=torch.float64,
                            device=tau.device) if needs_stats else None)
     M = project(tau, Ustar, Vstar, precision, partial)
+    scale = trim_multiplier / T if trim_per_task else trim_multiplier
+    stats = mask_statistics(partial, p, scale) if needs_stats else M
     S = torch.empty(B, p, p, dtype=tau.dtype, device=tau.device)
     block = 32 if p > 16 else 16
-    n_tiles = partial.shape[1] if needs_stats else 1
-    scale = trim_multiplier / T if trim_per_task else trim_multiplier
     grid = (triton.cdiv(p, block), triton.cdiv(p, block), B)
     _mask_sum_kernel[grid](
-        M, partial if needs_stats else M, S, T, p, n_tiles, float(p * p), float(scale),
-        M.stride(0), M.stride(1), M.stride(2), S.stride(0), S.stride(1), S.stride(2),
-        VARIANT=VARIANT_CODES[variant], BLOCK=block,
-        TILES_BLOCK=max(16, triton.next_power_of_2(min(n_tiles, 256))))
+        M, stats, S, T, p, M.stride(0), M.stride(1), M.stride(2),
+        S.stride(0), S.stride(1), S.stride(2), VARIANT=VARIANT_CODES[variant], BLOCK=block)
     return S
