@@ -6,8 +6,9 @@ process, same inputs (issue 5). Skipped without CUDA.
 Cases: a ViT-B/16 (12 layers of 2304x768, 768x768, 3072x768, 768x3072) with T = 3 and 5, and a
 7B-LLM layer group (4 x 4096x4096, 2 x 11008x4096, 1 x 4096x11008) with T = 4. Reports time,
 ratio, achieved TFLOP/s and its fraction of the torch.matmul rate measured in the same run at the
-same precision (fp32 for "ieee"; tf32 for "tf32x3", whose three tf32 products count as one), and
-each path's error against float64. Goals on an H200: projection+mask >= 3x the torch sequence and
+same precision (fp32: "tf32x3" is three tf32 tensor-core products standing in for one fp32
+product, so its rate is also shown against the tf32 matmul rate, where it is capped near 1/3),
+and each path's error against float64. Goals on an H200: projection+mask >= 3x the torch sequence and
 >= 60% of the matmul rate on the LLM group; reconstruction >= 1.5x matmul+scale+add+cast.
 """
 import pytest
@@ -77,10 +78,11 @@ def test_project_and_mask_speed(rates, case, m, n, B, T, precision):
     answer = torch_projection.project_and_mask(tau.double(), U.double(), V.double(), "full",
                                                1.96, True)
     tflops = projection_flops(B, T, m, n, p) / t_fast / 1e12
-    rate = rates["matmul_float32_TFLOPs" if precision == "ieee" else "matmul_tf32_TFLOPs"]
     ROWS.append({"op": "project_and_mask", "case": case, "shape": f"{B}x{T}x{m}x{n}", "p": p,
                  "precision": precision, "triton_s": t_fast, "torch_s": t_torch,
-                 "ratio": t_torch / t_fast, "TFLOPs": tflops, "of_matmul_rate": tflops / rate,
+                 "ratio": t_torch / t_fast, "TFLOPs": tflops,
+                 "of_matmul_rate": tflops / rates["matmul_float32_TFLOPs"],
+                 "of_tf32_rate": tflops / rates["matmul_tf32_TFLOPs"],
                  "err_triton": rel_err(fast(), answer),
                  "err_torch": rel_err(torch_sequence(), answer)})
 
@@ -92,7 +94,7 @@ def test_reconstruct_speed(rates, case, m, n, B, T):
     S = torch.randn(B, p, p, device="cuda")
     base = torch.randn(B, m, n, device="cuda").to(torch.bfloat16)
 
-    def fast():
+    def fast():                             # default precision: tf32x3 on the GPU
         return ops.reconstruct(U, S, V, base=base, alpha=0.5, out_dtype=torch.bfloat16,
                                backend="triton")
 
@@ -103,7 +105,7 @@ def test_reconstruct_speed(rates, case, m, n, B, T):
     answer = base.double() + 0.5 * ((U.double() @ S.double()) @ V.double())
     tflops = 2 * B * (m * p * p + m * p * n) / t_fast / 1e12
     ROWS.append({"op": "reconstruct", "case": case, "shape": f"{B}x{m}x{n}", "p": p,
-                 "precision": "ieee", "triton_s": t_fast, "torch_s": t_torch,
+                 "precision": "tf32x3", "triton_s": t_fast, "torch_s": t_torch,
                  "ratio": t_torch / t_fast, "TFLOPs": tflops,
                  "of_matmul_rate": tflops / rates["matmul_float32_TFLOPs"],
                  "err_triton": rel_err(fast(), answer),

@@ -14,6 +14,7 @@ import torch
 import scoremerge
 from scoremerge import BackendUnavailableError, ops, ref
 from scoremerge.backend import resolve
+from scoremerge.ops._checks import default_precision
 
 from conftest import MIXED_SHAPES, rel_err, random_task_vectors
 
@@ -145,16 +146,32 @@ def test_backend_choice(monkeypatch):
     if torch.cuda.is_available():
         gpu = torch.device("cuda")
         assert resolve("project_and_mask", "auto", gpu, ("triton", "torch")) == "triton"
+        assert default_precision(None, torch.ones(1, device=gpu)) == "tf32x3"
+    assert default_precision(None, torch.ones(1)) == "ieee"
+    assert default_precision(None, torch.ones(1, dtype=torch.float64)) == "ieee"
+    assert default_precision("tf32", torch.ones(1)) == "tf32"
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_tf32x3_stays_within_the_fp32_bound_on_a_gpu():
+@pytest.mark.parametrize("variant", ["full", "untrimmed"])
+def test_gpu_default_precision_stays_within_the_fp32_bound(variant):
+    """The GPU default, 3xTF32, must be as accurate as the reference's own fp32 (2x bound), on
+    sizes that use the autotuned 128-wide tiles and the statistics epilogue."""
     tau, U, V = inputs(4, 3, 300, 200, 198, seed=11)
-    want = reference_S(tau, U, V, variant="untrimmed")
-    ref32 = reference_S(tau.float(), U.float(), V.float(), variant="untrimmed")
+    want = reference_S(tau, U, V, variant=variant)
+    ref32 = reference_S(tau.float(), U.float(), V.float(), variant=variant)
     dev = [x.float().cuda() for x in (tau, U, V)]
-    got = ops.project_and_mask(*dev, variant="untrimmed", precision="tf32x3", backend="triton")
+    got = ops.project_and_mask(*dev, variant=variant, backend="triton")
+    assert rel_err(got.cpu(), want) <= 2 * rel_err(ref32, want) + 1e-7
+    g = torch.Generator().manual_seed(3)
+    S, base = torch.randn(2, 150, 150, generator=g), torch.randn(2, 300, 200, generator=g)
+    U2, V2 = U[:2, :, :150].float(), V[:2, :150].float()
+    want = base.double() + 0.3 * (U2.double() @ S.double() @ V2.double())
+    got = ops.reconstruct(U2.cuda(), S.cuda(), V2.cuda(), base=base.cuda(), alpha=0.3,
+                          backend="triton")
+    ref32 = torch.stack([ref.projection.reconstruct(U2[b], S[b], V2[b], base=base[b], alpha=0.3)
+                         for b in range(2)])
     assert rel_err(got.cpu(), want) <= 2 * rel_err(ref32, want) + 1e-7
 
 

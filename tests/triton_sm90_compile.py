@@ -38,7 +38,7 @@ for dt in ("fp32", "fp64"):
             continue
         out_type = "*bf16" if axpby else f"*{dt}"     # the reconstruction stores bf16 models
         types = {"a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "c_ptr": out_type, "base_ptr": out_type,
-                 "partial_ptr": "*fp64", "alpha": "fp32"}
+                 "partial_ptr": "*fp64", "alpha_ptr": "*fp64"}
         cx = {"STATS": stats, "AXPBY": axpby, "PRECISION": prec, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}
         src = ASTSource(fn=k, signature=sig_for(k, types, cx), constexprs=constexpr_slots(k, cx))
         out = triton.compile(src, target=target, options={"num_warps": 8, "num_stages": 3})

@@ -23,5 +23,14 @@ PRECISIONS = ("ieee", "tf32x3", "tf32")
 
 
 def check_precision(precision):
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision must be None or one of {PRECISIONS}, got {precision!r}")
+
+
+def default_precision(precision, x):
+    """None means: 3xTF32 for fp32 on a GPU (each operand split into a high and a low tf32 part,
+    three tensor-core products: about fp32's accuracy, where plain fp32 products would run on
+    the FMA units), full precision elsewhere (fp64, the interpreter)."""
+    if precision is not None:
+        return precision
+    return "tf32x3" if x.is_cuda and x.dtype == torch.float32 else "ieee"

@@ -1,21 +1,22 @@
 """ops.project_and_mask: SCORE's projection into the shared basis with diagonal masking."""
 from ..backend import resolve
 from ..kernels.torch import projection as torch_projection
-from ._checks import check_matrix_batch, check_precision, check_same
+from ._checks import check_matrix_batch, check_precision, check_same, default_precision
 
 VARIANTS = ("full", "diag", "offdiag", "untrimmed")
 
 
 def project_and_mask(tau, Ustar, Vstar, *, variant="full", trim_multiplier=1.96,
-                     trim_per_task=True, precision="ieee", backend="auto"):
+                     trim_per_task=True, precision=None, backend="auto"):
     """The summed masked projection of ALGORITHMS.md steps 4-6 for B keys of one shape.
 
     tau [B, T, m, n] task matrices, Ustar [B, m, p], Vstar [B, p, n] shared bases -> S [B, p, p]:
     S = sum_t (diag(M_t) + kept off-diagonal of M_t), M_t = Ustar^T tau_t Vstar^T, where an
     off-diagonal entry is kept when within trim_multiplier * sd_t (/ T if trim_per_task) of the
     mean of M_t with its diagonal zeroed. variant: full | diag | offdiag | untrimmed.
-    precision: the Triton backend's fp32 matrix products, "ieee" (default), "tf32x3" or "tf32"
-    (faster on tensor cores, less accurate); torch always multiplies at full precision.
+    precision: the Triton backend's fp32 matrix products: "ieee" (fp32 FMA), "tf32x3" (three
+    tf32 tensor-core products, about fp32's accuracy) or "tf32" (fastest, ~1e-3 relative);
+    None (default): tf32x3 for fp32 on a GPU, ieee otherwise. torch ignores it (full fp32).
 
     >>> S = project_and_mask(tau, Ustar, Vstar)          # tau: [12, 3, 768, 768], p = 768
     """
@@ -36,6 +37,6 @@ def project_and_mask(tau, Ustar, Vstar, *, variant="full", trim_multiplier=1.96,
     if resolve("project_and_mask", backend, tau.device, ("triton", "torch")) == "triton":
         from ..kernels.triton.project_and_mask import project_and_mask as triton_project_and_mask
         return triton_project_and_mask(tau, Ustar, Vstar, variant, trim_multiplier,
-                                       trim_per_task, precision)
+                                       trim_per_task, default_precision(precision, tau))
     return torch_projection.project_and_mask(tau, Ustar, Vstar, variant, trim_multiplier,
                                              trim_per_task)

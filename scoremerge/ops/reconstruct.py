@@ -1,10 +1,10 @@
 """ops.reconstruct: Ustar S Vstar, optionally added to a base and cast on store."""
 from ..backend import resolve
 from ..kernels.torch import projection as torch_projection
-from ._checks import check_matrix_batch, check_precision, check_same
+from ._checks import check_matrix_batch, check_precision, check_same, default_precision
 
 
-def reconstruct(Ustar, S, Vstar, *, base=None, alpha=1.0, out_dtype=None, precision="ieee",
+def reconstruct(Ustar, S, Vstar, *, base=None, alpha=1.0, out_dtype=None, precision=None,
                 backend="auto"):
     """Ustar [B, m, p] @ S [B, p, q] @ Vstar [B, q, n] -> [B, m, n], or base + alpha * that when
     base [B, m, n] is given (any float dtype), cast to out_dtype (default: S's dtype).
@@ -27,5 +27,6 @@ def reconstruct(Ustar, S, Vstar, *, base=None, alpha=1.0, out_dtype=None, precis
     check_precision(precision)
     if resolve("reconstruct", backend, Ustar.device, ("triton", "torch")) == "triton":
         from ..kernels.triton.reconstruct import reconstruct as triton_reconstruct
-        return triton_reconstruct(Ustar, S, Vstar, base, alpha, out_dtype or S.dtype, precision)
+        return triton_reconstruct(Ustar, S, Vstar, base, alpha, out_dtype or S.dtype,
+                                  default_precision(precision, Ustar))
     return torch_projection.reconstruct(Ustar, S, Vstar, base, alpha, out_dtype or S.dtype)

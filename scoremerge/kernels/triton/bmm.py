@@ -11,13 +11,14 @@ On a GPU the tile sizes are autotuned (_gpu_configs); the interpreter uses fixed
 """
 import os
 
+import torch
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _bmm_kernel(a_ptr, b_ptr, c_ptr, base_ptr, partial_ptr,
-                M, N, K, a_div, b_div, alpha,
+def _bmm_kernel(a_ptr, b_ptr, c_ptr, base_ptr, partial_ptr, alpha_ptr,
+                M, N, K, a_div, b_div,
                 stride_az, stride_am, stride_ak,
                 stride_bz, stride_bk, stride_bn,
                 stride_cz, stride_cm, stride_cn,
@@ -27,9 +28,10 @@ def _bmm_kernel(a_ptr, b_ptr, c_ptr, base_ptr, partial_ptr,
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     z = tl.program_id(2).to(tl.int64)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
+    # int64 offsets: a strided view may put one matrix's elements 2^31 apart
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K).to(tl.int64)
     a_ptrs = a_ptr + (z // a_div) * stride_az + rm[:, None] * stride_am + rk[None, :] * stride_ak
     b_ptrs = b_ptr + (z // b_div) * stride_bz + rk[:, None] * stride_bk + rn[None, :] * stride_bn
     acc_dtype = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
@@ -37,7 +39,7 @@ def _bmm_kernel(a_ptr, b_ptr, c_ptr, base_ptr, partial_ptr,
     for k0 in range(0, K, BLOCK_K):
         a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] + k0 < K), other=0.0)
         b = tl.load(b_ptrs, mask=(rk[:, None] + k0 < K) & (rn[None, :] < N), other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc_dtype)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     inside = (rm[:, None] < M) & (rn[None, :] < N)
@@ -51,6 +53,7 @@ def _bmm_kernel(a_ptr, b_ptr, c_ptr, base_ptr, partial_ptr,
     if AXPBY:
         base = tl.load(base_ptr + z * stride_basez + rm[:, None] * stride_basem
                        + rn[None, :] * stride_basen, mask=inside, other=0.0)
+        alpha = tl.load(alpha_ptr).to(acc_dtype)        # a tensor: a float argument is fp32
         acc = base.to(acc_dtype) + alpha * acc
     c_ptrs = c_ptr + z * stride_cz + rm[:, None] * stride_cm + rn[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=inside)
@@ -110,8 +113,10 @@ def bmm(a, b, out, *, a_div=1, b_div=1, base=None, alpha=1.0, partial=None, prec
     Z, M, N = out.shape
     K = a.shape[-1]
     base_t = base if base is not None else out
-    args = (a, b, out, base_t, partial if partial is not None else out,
-            M, N, K, a_div, b_div, float(alpha),
+    alpha_t = (torch.tensor([alpha], dtype=torch.float64, device=out.device) if base is not None
+               else out)
+    args = (a, b, out, base_t, partial if partial is not None else out, alpha_t,
+            M, N, K, a_div, b_div,
             a.stride(0), a.stride(1), a.stride(2),
             b.stride(0), b.stride(1), b.stride(2),
             out.stride(0), out.stride(1), out.stride(2),

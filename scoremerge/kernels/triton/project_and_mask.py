@@ -23,8 +23,8 @@ def _mask_sum_kernel(m_ptr, stats_ptr, s_ptr, T, P,
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    ri = pid_i * BLOCK + tl.arange(0, BLOCK)
-    rj = pid_j * BLOCK + tl.arange(0, BLOCK)
+    ri = (pid_i * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    rj = (pid_j * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     inside = (ri[:, None] < P) & (rj[None, :] < P)
     on_diag = ri[:, None] == rj[None, :]
     acc_dtype = tl.float64 if m_ptr.dtype.element_ty == tl.float64 else tl.float32
@@ -64,15 +64,16 @@ def project(tau, Ustar, Vstar, precision, partial=None):
     tile statistics of M into `partial` (see bmm)."""
     B, T, m, n = tau.shape
     p = Ustar.shape[-1]
-    tau_z = tau.reshape(B * T, m, n)
+    tau_z = tau.reshape(B * T, m, n)          # a view for the stacked tau the methods pass
+    Ut = Ustar.mT.contiguous()                # small; K-contiguous operands load 16 bytes at once
     M = torch.empty(B * T, p, p, dtype=tau.dtype, device=tau.device)
     if n <= m:                 # X = Ustar^T tau_t is [p, n]: the smaller intermediate
         X = torch.empty(B * T, p, n, dtype=tau.dtype, device=tau.device)
-        bmm(Ustar.mT, tau_z, X, a_div=T, precision=precision)
+        bmm(Ut, tau_z, X, a_div=T, precision=precision)
         return bmm(X, Vstar.mT, M, b_div=T, partial=partial, precision=precision)
     Y = torch.empty(B * T, m, p, dtype=tau.dtype, device=tau.device)
     bmm(tau_z, Vstar.mT, Y, b_div=T, precision=precision)
-    return bmm(Ustar.mT, Y, M, a_div=T, partial=partial, precision=precision)
+    return bmm(Ut, Y, M, a_div=T, partial=partial, precision=precision)
 
 
 def project_and_mask(tau, Ustar, Vstar, variant, trim_multiplier, trim_per_task,
