@@ -7,6 +7,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from scoremerge.kernels.triton import bmm as bmm_mod
+from scoremerge.kernels.triton import mix as mix_mod
 from scoremerge.kernels.triton import project_and_mask as pm
 
 target = GPUTarget("cuda", 90, 32)
@@ -51,3 +52,12 @@ for dt in ("fp32", "fp64"):
         src = ASTSource(fn=k, signature=sig_for(k, types, cx), constexprs=constexpr_slots(k, cx))
         out = triton.compile(src, target=target, options={"num_warps": 4})
         print("mask", dt, variant, "ok", len(out.asm["cubin"]))
+k = mix_mod._mix_kernel
+for src, dst, wide in (("bf16", "bf16", False), ("fp32", "fp32", False), ("fp16", "fp32", False),
+                       ("fp64", "fp64", True)):
+    types = {"experts_ptr": f"*{src}", "coeffs_ptr": "*fp32", "out_ptr": f"*{dst}",
+             "block_group_ptr": "*i32", "block_start_ptr": "*i64", "block_end_ptr": "*i64"}
+    cx = {"K": 4, "WIDE": wide, "BLOCK": mix_mod.BLOCK}
+    src_ast = ASTSource(fn=k, signature=sig_for(k, types, cx), constexprs=constexpr_slots(k, cx))
+    out = triton.compile(src_ast, target=target, options={"num_warps": 8})
+    print("mix", src, dst, "ok", len(out.asm["cubin"]))

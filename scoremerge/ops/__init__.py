@@ -1,7 +1,8 @@
 """Primitive ops: each checks its inputs and dispatches to a backend (DESIGN.md)."""
+from .mix import mix
 from .polar import polar
 from .project_and_mask import project_and_mask
 from .reconstruct import reconstruct
 from .truncated_svd import truncated_svd
 
-__all__ = ["polar", "project_and_mask", "reconstruct", "truncated_svd"]
+__all__ = ["mix", "polar", "project_and_mask", "reconstruct", "truncated_svd"]
