@@ -152,7 +152,7 @@ def _merge(tvs, spec, opts, exclude, backend, device, dtype, progress):
                 store(key, value)
             bar.update(len(group))
 
-        if device.type == "cpu" and backend != "triton":   # Triton's interpreter is not thread-safe
+        if device.type == "cpu":
             parallel_map(merge_group, groups)
         else:
             for group in groups:

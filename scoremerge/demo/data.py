@@ -6,6 +6,7 @@ into train / validation / test is shared by all domains, so no test digit is see
 by any model (the pretrained base, an expert, or the alpha search). Rotation is done in torch,
 on a canvas padded from 8x8 to 12x12 so that no rotation cuts off a corner of the digit.
 """
+import functools
 import math
 from dataclasses import dataclass
 
@@ -42,8 +43,10 @@ class Domain:
         return Domain(self.angle, self.train.to(device), self.val.to(device), self.test.to(device))
 
 
+@functools.lru_cache(maxsize=1)
 def load_digits_tensors():
-    """The bundled digits as float images [1797, 1, CANVAS, CANVAS] in [0, 1] and labels."""
+    """The bundled digits as float images [1797, 1, CANVAS, CANVAS] in [0, 1] and labels (read
+    once per process; callers index them, which copies, and never write to them)."""
     try:
         from sklearn.datasets import load_digits
     except ImportError:

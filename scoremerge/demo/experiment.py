@@ -7,6 +7,7 @@ is given, the merged model at the alpha that scores best on the source domains' 
 single source expert on the target (chosen in hindsight) and the logit ensemble of the source
 experts (K forward passes, not one model).
 """
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -97,8 +98,9 @@ def run_experiment(config, cache_dir=None, retrain=False, log=print):
                      for a in config.angles}
     reference = {"base": {}, "expert_in_domain": {}, "best_single_expert": {},
                  "best_single_expert_source": {}, "logit_ensemble": {}}
-    merged = {v.label: _row(v, config.alpha) for v in merge_variants()}
-    tuned = {v.label: _row(v, None) for v in merge_variants()} if config.alpha_grid else {}
+    variants = merge_variants()
+    merged = {v.label: _row(v, config.alpha) for v in variants}
+    tuned = {v.label: _row(v, None) for v in variants} if config.alpha_grid else {}
 
     for target in config.angles:
         test = by_angle[target].test
@@ -113,7 +115,7 @@ def run_experiment(config, cache_dir=None, retrain=False, log=print):
 
         tvs = api.task_vectors(base, [experts[a] for a in sources])
         val = _concat([by_angle[a].val for a in sources])
-        for v in merge_variants():
+        for v in variants:
             t0 = time.perf_counter()
             tau = api.merge_task_vectors(tvs, v.method, backend=config.backend, **v.options)
             _sync(device)
@@ -130,7 +132,7 @@ def run_experiment(config, cache_dir=None, retrain=False, log=print):
 
     for rows in (merged, tuned):
         for row in rows.values():
-            row["mean"] = _mean(row["accuracy"])
+            row["mean"] = statistics.fmean(row["accuracy"].values())
     return {"config": config.as_dict(), "domains": list(config.angles), "training": training,
             "expert_matrix": expert_matrix, "reference": reference, "merged": merged,
             "tuned_alpha": tuned, "seconds": time.perf_counter() - start}
@@ -167,8 +169,3 @@ def _to(state, device):
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _mean(values):
-    values = list(values.values())
-    return sum(values) / len(values)

@@ -39,7 +39,7 @@ def format_table(results):
 
 def _line(label, accuracy, domains):
     values = [accuracy[_key(accuracy, a)] for a in domains]
-    mean = sum(values) / len(values)
+    mean = statistics.fmean(values)
     return f"  {label:22s}" + "".join(f"{100 * v:8.1f}" for v in values) + f"{100 * mean:8.1f}"
 
 
@@ -73,7 +73,7 @@ def plot(results, path):
         ax1.barh([i + h / 2 for i in y], [100 * tuned[k]["mean"] for k in labels], h,
                  label="alpha tuned on source validation")
     for key, style in (("base", ":"), ("best_single_expert", "--"), ("logit_ensemble", "-.")):
-        ax1.axvline(100 * _mean(ref[key]), color="k", linestyle=style,
+        ax1.axvline(100 * statistics.fmean(ref[key].values()), color="k", linestyle=style,
                     label=_REFERENCE_LABELS[key].rstrip(" *"))
     ax1.set_yticks(list(y), labels)
     ax1.invert_yaxis()
@@ -98,7 +98,3 @@ def plot(results, path):
         write_file_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     finally:
         plt.close(fig)
-
-
-def _mean(d):
-    return sum(d.values()) / len(d)

@@ -9,7 +9,16 @@ from pathlib import Path
 
 
 def _umask():
-    mask = os.umask(0)
+    """The process umask. Linux reports it in /proc; elsewhere it can only be read by setting it,
+    which briefly changes it for every thread, so that is the fallback."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 

@@ -1,8 +1,21 @@
 """Triton kernels and their launchers, one file per op. Importing this package does not import
 triton; the kernel modules do, on first use (so that TRITON_INTERPRET, read when a kernel is
 defined, can still be set by then)."""
+import contextlib
 import importlib.util
 import os
+import threading
+
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def launch_guard():
+    """Held around every kernel launch: Triton's CPU interpreter keeps global state while it runs
+    a kernel and is not thread-safe (the CPU merge path runs key groups on threads). Compiled
+    launches need no lock."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return _INTERPRETER_LOCK
+    return contextlib.nullcontext()
 
 
 def unavailable_reason(device):

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch_guard
+
 
 @triton.jit
 def _bmm_kernel(a_ptr, b_ptr, c_ptr, base_ptr, partial_ptr, alpha_ptr,
@@ -112,6 +114,7 @@ def bmm(a, b, out, *, a_div=1, b_div=1, base=None, alpha=1.0, partial=None, prec
     sum of squares, or None."""
     Z, M, N = out.shape
     K = a.shape[-1]
+    precision = precision if a.dtype == torch.float32 else "ieee"     # tf32 is for fp32 only
     base_t = base if base is not None else out
     alpha_t = (torch.tensor([alpha], dtype=torch.float64, device=out.device) if base is not None
                else out)
@@ -124,8 +127,9 @@ def bmm(a, b, out, *, a_div=1, b_div=1, base=None, alpha=1.0, partial=None, prec
     flags = dict(STATS=partial is not None, AXPBY=base is not None, PRECISION=precision)
     if INTERPRETED:
         bm, bn, bk = interpreter_block_sizes(M, N, K, a.element_size())
-        _bmm_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn), Z)](*args, **flags, BLOCK_M=bm,
-                                                                  BLOCK_N=bn, BLOCK_K=bk)
+        with launch_guard():
+            _bmm_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn), Z)](*args, **flags, BLOCK_M=bm,
+                                                                      BLOCK_N=bn, BLOCK_K=bk)
     else:
         kernel = _bmm_stats if partial is not None else _bmm_plain
         kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), Z)](

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch_guard
+
 BLOCK = 4096          # elements per program: 16 KB of fp32 per expert row, long coalesced runs
 
 
@@ -34,28 +36,18 @@ def _mix_kernel(experts_ptr, coeffs_ptr, out_ptr, block_group_ptr, block_start_p
 
 
 @functools.lru_cache(maxsize=64)
-def _plan_cpu(bounds, block):
+def plan(bounds, device):
+    """(block_group, block_start, block_end) on `device` for bounds (a tuple): one program per
+    BLOCK-long run of one group. Built once per (bounds, device) and cached."""
     groups, starts, ends = [], [], []
     for g in range(len(bounds) - 1):
-        for s in range(bounds[g], bounds[g + 1], block):
+        for s in range(bounds[g], bounds[g + 1], BLOCK):
             groups.append(g)
             starts.append(s)
-            ends.append(min(s + block, bounds[g + 1]))
-    return (torch.tensor(groups, dtype=torch.int32), torch.tensor(starts, dtype=torch.int64),
-            torch.tensor(ends, dtype=torch.int64))
-
-
-_device_plans = {}
-
-
-def plan(bounds, device):
-    """(block_group, block_start, block_end) on `device` for bounds (a tuple), cached."""
-    key = (bounds, str(device))
-    if key not in _device_plans:
-        if len(_device_plans) > 64:
-            _device_plans.clear()
-        _device_plans[key] = tuple(t.to(device) for t in _plan_cpu(bounds, BLOCK))
-    return _device_plans[key]
+            ends.append(min(s + BLOCK, bounds[g + 1]))
+    return (torch.tensor(groups, dtype=torch.int32, device=device),
+            torch.tensor(starts, dtype=torch.int64, device=device),
+            torch.tensor(ends, dtype=torch.int64, device=device))
 
 
 def mix(experts, coeffs, bounds, out):
@@ -65,7 +57,8 @@ def mix(experts, coeffs, bounds, out):
     if len(block_group) == 0:
         return out
     wide = torch.float64 in (experts.dtype, coeffs.dtype, out.dtype)
-    _mix_kernel[(len(block_group),)](
-        experts, coeffs, out, block_group, block_start, block_end,
-        experts.stride(0), coeffs.stride(0), K=K, WIDE=wide, BLOCK=BLOCK, num_warps=8)
+    with launch_guard():
+        _mix_kernel[(len(block_group),)](
+            experts, coeffs, out, block_group, block_start, block_end,
+            experts.stride(0), coeffs.stride(0), K=K, WIDE=wide, BLOCK=BLOCK, num_warps=8)
     return out

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch_guard
 from .bmm import bmm, stats_slots
 
 VARIANT_CODES = {"full": 0, "diag": 1, "offdiag": 2, "untrimmed": 3}
@@ -81,7 +82,6 @@ def project_and_mask(tau, Ustar, Vstar, variant, trim_multiplier, trim_per_task,
     """S [B, p, p]; the arguments as ops.project_and_mask."""
     B, T, m, n = tau.shape
     p = Ustar.shape[-1]
-    precision = precision if tau.dtype == torch.float32 else "ieee"     # tf32 is for fp32 only
     if p == 1 and variant in ("full", "offdiag"):     # no off-diagonal entries to mask
         variant = "diag" if variant == "full" else "zero"
     if variant == "zero":
@@ -95,7 +95,8 @@ def project_and_mask(tau, Ustar, Vstar, variant, trim_multiplier, trim_per_task,
     S = torch.empty(B, p, p, dtype=tau.dtype, device=tau.device)
     block = 32 if p > 16 else 16
     grid = (triton.cdiv(p, block), triton.cdiv(p, block), B)
-    _mask_sum_kernel[grid](
-        M, stats, S, T, p, M.stride(0), M.stride(1), M.stride(2),
-        S.stride(0), S.stride(1), S.stride(2), VARIANT=VARIANT_CODES[variant], BLOCK=block)
+    with launch_guard():
+        _mask_sum_kernel[grid](
+            M, stats, S, T, p, M.stride(0), M.stride(1), M.stride(2),
+            S.stride(0), S.stride(1), S.stride(2), VARIANT=VARIANT_CODES[variant], BLOCK=block)
     return S

@@ -8,7 +8,6 @@ from .bmm import bmm
 def reconstruct(Ustar, S, Vstar, base, alpha, out_dtype, precision="ieee"):
     """[B, m, n]; the arguments as ops.reconstruct."""
     B, m, _ = Ustar.shape
-    precision = precision if Ustar.dtype == torch.float32 else "ieee"   # tf32 is for fp32 only
     q, n = S.shape[2], Vstar.shape[2]
     US = torch.empty(B, m, q, dtype=Ustar.dtype, device=Ustar.device)
     bmm(Ustar, S, US, precision=precision)
