@@ -1,8 +1,9 @@
 """Builds the optional CUDA extension scoremerge._C from csrc/ when nvcc is on the machine.
 
-No nvcc, SCOREMERGE_SKIP_CUDA_BUILD set, or no .cu sources yet: a pure-Python install. The
+No nvcc, SCOREMERGE_SKIP_CUDA_BUILD set, or no .cu sources: a pure-Python install. The
 extension binds raw device pointers with pybind11 and does not link torch (DESIGN.md).
-Architectures: SCOREMERGE_CUDA_ARCHS, default "80;90".
+Architectures: SCOREMERGE_CUDA_ARCHS, default "80;90". Either way the csrc/*.cuh kernel sources
+are copied into the package (scoremerge/_csrc/), where an installed wheel's CuPy path finds them.
 """
 import os
 import shutil
@@ -11,9 +12,11 @@ from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent
 SOURCES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))
+HEADERS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cuh"))
 
 
 def _nvcc():
@@ -32,20 +35,35 @@ class NvccBuildExt(build_ext):
         import sysconfig
 
         import pybind11
-        archs = os.environ.get("SCOREMERGE_CUDA_ARCHS", "80;90").split(";")
+        archs = [a for a in os.environ.get("SCOREMERGE_CUDA_ARCHS", "80;90").split(";") if a]
         target = Path(self.get_ext_fullpath(ext.name))
         target.parent.mkdir(parents=True, exist_ok=True)
+        # PTX of the last (newest) arch rides along so a newer GPU can JIT it; --threads 0 compiles
+        # the archs in parallel (the build runs in every CI install).
         subprocess.check_call([
-            _nvcc(), "-shared", "-O3", "-std=c++17", "-cudart", "static",
+            _nvcc(), "-shared", "-O3", "-std=c++17", "-cudart", "static", "--threads", "0",
             "--compiler-options", "-fPIC,-fvisibility=hidden",
             "-I", pybind11.get_include(), "-I", sysconfig.get_paths()["include"],
-            *[f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a],
+            *[f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs],
+            f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}",
             *ext.sources, "-o", str(target)])
 
 
-ext_modules, cmdclass = [], {}
+class BuildPyWithKernelSources(build_py):
+    """Copies csrc/*.cuh into the package as scoremerge/_csrc/: a wheel has no csrc/, and the
+    CuPy path (kernels/cuda.py) compiles these at run time where the extension was not built."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "scoremerge" / "_csrc"
+        target.mkdir(parents=True, exist_ok=True)
+        for header in HEADERS:
+            shutil.copy2(ROOT / header, target / Path(header).name)
+
+
+ext_modules, cmdclass = [], {"build_py": BuildPyWithKernelSources}
 if SOURCES and _nvcc():
-    ext_modules = [Extension("scoremerge._C", sources=SOURCES, language="c++")]
-    cmdclass = {"build_ext": NvccBuildExt}
+    ext_modules = [Extension("scoremerge._C", sources=SOURCES, depends=HEADERS, language="c++")]
+    cmdclass["build_ext"] = NvccBuildExt
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -36,13 +36,14 @@ def best_time(fn, rounds=3, warmup=1, device="cpu"):
     return min(times)
 
 
-def interleaved(fast, reference, rounds=3, device="cpu"):
-    """(fast seconds, reference seconds): minima over rounds that alternate the two, so that a
-    noisy neighbour or a frequency change hits both alike."""
-    fast(), reference()
-    best = [float("inf"), float("inf")]
+def interleaved(*fns, rounds=3, device="cpu"):
+    """Seconds per function (fast path first, reference after, as many as given): minima over
+    rounds that alternate them, so that a noisy neighbour or a frequency change hits all alike."""
+    for fn in fns:
+        fn()
+    best = [float("inf")] * len(fns)
     for _ in range(rounds):
-        for i, fn in enumerate((fast, reference)):
+        for i, fn in enumerate(fns):
             best[i] = min(best[i], best_time(fn, rounds=1, warmup=0, device=device))
     return tuple(best)
 

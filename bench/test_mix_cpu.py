@@ -26,43 +26,55 @@ def vit_b16_shapes():
                      "head.bias": (1000,)}
 
 
+HEAD = ("head.weight", "head.bias")
+
+
+def vit_b16_arena(K, device="cpu", dtype=torch.float32):
+    """K random ViT-B/16-shaped experts packed as an arena [K, N], head last: (arena, bounds of
+    the two groups (encoder, head), the experts as per-parameter dicts in arena order)."""
+    shapes = vit_b16_shapes()
+    order = [k for k in shapes if k not in HEAD] + list(HEAD)
+    sizes = [torch.Size(shapes[k]).numel() for k in order]
+    arena = torch.randn(K, sum(sizes), device=device, dtype=dtype)
+    experts = [{k: piece.view(shapes[k]).clone() for k, piece in zip(order, row.split(sizes))}
+               for row in arena]
+    return arena, [0, sum(sizes) - sum(sizes[-len(HEAD):]), sum(sizes)], experts
+
+
+def per_parameter_loops(experts, weights):
+    """The two ways people mix state dicts key by key, given weights[group][k] as Python floats:
+    (the careful in-place loop, the one-liner sum, the in-place loop's output dicts)."""
+    K = len(experts)
+    merged = {k: torch.empty_like(v) for k, v in experts[0].items()}
+
+    def loop_in_place():
+        for k in merged:
+            c = weights[1 if k in HEAD else 0]
+            merged[k].copy_(experts[0][k]).mul_(c[0])
+            for i in range(1, K):
+                merged[k].add_(experts[i][k], alpha=c[i])
+
+    def loop_sum():
+        return {k: sum(weights[1 if k in HEAD else 0][i] * experts[i][k] for i in range(K))
+                for k in merged}
+    return loop_in_place, loop_sum, merged
+
+
 def test_arena_mix_against_per_parameter_loops():
     K = 5
-    shapes = vit_b16_shapes()
-    sizes = {k: torch.Size(s).numel() for k, s in shapes.items()}
-    N = sum(sizes.values())
-    head = {"head.weight", "head.bias"}
-    order = [k for k in shapes if k not in head] + [k for k in shapes if k in head]
-    arena = torch.randn(K, N)
-    offsets, at = {}, 0
-    for k in order:
-        offsets[k] = at
-        at += sizes[k]
-    bounds = [0, offsets["head.weight"], N]
-    experts = [{k: arena[i, offsets[k]:offsets[k] + sizes[k]].view(shapes[k]).clone()
-                for k in order} for i in range(K)]
+    arena, bounds, experts = vit_b16_arena(K)
+    N = arena.shape[1]
     coeffs = torch.softmax(torch.randn(2, K), dim=1)
+    loop_in_place, loop_sum, merged = per_parameter_loops(experts, coeffs.tolist())
     out = torch.empty(N)
-    merged = {k: torch.empty(shapes[k]) for k in order}
 
     def arena_mix():
         ops.mix(arena, coeffs, bounds, out=out, backend="torch")
 
-    def loop_in_place():                           # the careful per-parameter loop
-        for k in order:
-            c = coeffs[1 if k in head else 0]
-            merged[k].copy_(experts[0][k]).mul_(c[0])
-            for i in range(1, K):
-                merged[k].add_(experts[i][k], alpha=c[i].item())
-
-    def loop_sum():                                # the common one-liner
-        return {k: sum(coeffs[1 if k in head else 0][i] * experts[i][k] for i in range(K))
-                for k in order}
-
     t_arena, t_loop = interleaved(arena_mix, loop_in_place, rounds=5)
     _, t_sum = interleaved(arena_mix, loop_sum, rounds=3)
     loop_in_place()
-    flat = torch.cat([merged[k].flatten() for k in order])
+    flat = torch.cat([m.flatten() for m in merged.values()])
     assert torch.allclose(out, flat, rtol=1e-5, atol=1e-5)
     row = {"params": N, "K": K, "arena_mix_s": t_arena, "loop_in_place_s": t_loop,
            "loop_sum_s": t_sum, "ratio_vs_in_place": t_loop / t_arena,

@@ -1,12 +1,13 @@
 """ops.mix against the reference on odd sizes, mixed dtypes, empty and uneven groups, for every
-backend that runs here (Triton through the interpreter on a CPU); bad input is named."""
+backend that runs here (Triton through the interpreter on a CPU; CUDA too on a GPU); bad input is
+named."""
 import pytest
 import torch
 
 from scoremerge import ops, ref
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton"] + (["cuda"] if DEVICE.type == "cuda" else [])
 
 
 def exact(experts, coeffs, bounds):

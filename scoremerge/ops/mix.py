@@ -2,6 +2,7 @@
 import torch
 
 from ..backend import resolve
+from ..kernels import cuda as cuda_kernels
 from ..kernels.torch import mixing as torch_mixing
 
 MIX_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -16,6 +17,8 @@ def mix(experts, coeffs, bounds=None, *, out=None, backend="auto"):
     contiguous ranges, so no per-element index is read.
     out: [N] contiguous tensor written in place (its dtype is the output dtype), or None for a
     new one in the experts' dtype. Accumulates in float32 (float64 if anything is float64).
+    backend: auto | cuda | triton | torch. CUDA mixes float32/bfloat16/float16 into each other
+    and float64 into float64; other float64 mixes go to the next backend (named: an error).
 
     >>> merged = mix(arena, torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]), [0, 1000, 1010])
     """
@@ -42,7 +45,12 @@ def mix(experts, coeffs, bounds=None, *, out=None, backend="auto"):
             raise ValueError(f"out must be a contiguous [{N}] tensor on {experts.device}, got "
                              f"{tuple(out.shape)} on {out.device}")
     coeffs = coeffs.contiguous()
-    if resolve("mix", backend, experts.device, ("triton", "torch")) == "triton":
+    lacks = cuda_kernels.lacks(experts.dtype, coeffs.dtype, out.dtype)
+    name = resolve("mix", backend, experts.device, ("cuda", "triton", "torch"),
+                   unsupported={"cuda": lacks} if lacks else None)
+    if name == "cuda":
+        return cuda_kernels.mix(experts, coeffs, bounds, out)
+    if name == "triton":
         from ..kernels.triton import mix as triton_mix
         return triton_mix.mix(experts, coeffs, bounds, out)
     return torch_mixing.mix(experts, coeffs, bounds, out)

@@ -4,13 +4,12 @@ Each program owns one block of one group (a per-program table says which, built 
 bounds), so blocks never straddle groups and no per-element index is read: a program loads its
 group's K coefficients once, then streams K contiguous runs of the arena and writes one. It moves
 (K + 1) * N elements and nothing else. K is a compile-time constant (the loop unrolls)."""
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from . import launch_guard
+from ..mix_plan import plan
 
 BLOCK = 4096          # elements per program: 16 KB of fp32 per expert row, long coalesced runs
 
@@ -35,25 +34,10 @@ def _mix_kernel(experts_ptr, coeffs_ptr, out_ptr, block_group_ptr, block_start_p
              mask=inside)
 
 
-@functools.lru_cache(maxsize=64)
-def plan(bounds, device):
-    """(block_group, block_start, block_end) on `device` for bounds (a tuple): one program per
-    BLOCK-long run of one group. Built once per (bounds, device) and cached."""
-    groups, starts, ends = [], [], []
-    for g in range(len(bounds) - 1):
-        for s in range(bounds[g], bounds[g + 1], BLOCK):
-            groups.append(g)
-            starts.append(s)
-            ends.append(min(s + BLOCK, bounds[g + 1]))
-    return (torch.tensor(groups, dtype=torch.int32, device=device),
-            torch.tensor(starts, dtype=torch.int64, device=device),
-            torch.tensor(ends, dtype=torch.int64, device=device))
-
-
 def mix(experts, coeffs, bounds, out):
     """See ops.mix; experts [K, N] with unit column stride, out [N] contiguous."""
     K = experts.shape[0]
-    block_group, block_start, block_end = plan(tuple(bounds), out.device)
+    block_group, block_start, block_end = plan(tuple(bounds), out.device, BLOCK)
     if len(block_group) == 0:
         return out
     wide = torch.float64 in (experts.dtype, coeffs.dtype, out.dtype)
