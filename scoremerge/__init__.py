@@ -8,6 +8,7 @@ from . import ops, ref
 from ._version import __version__
 from .api import merge, merge_task_vectors, methods, task_vectors
 from .errors import BackendUnavailableError, MergeInputError
+from .online import OnlineMerger
 
-__all__ = ["merge", "merge_task_vectors", "methods", "task_vectors", "ops", "ref",
+__all__ = ["merge", "merge_task_vectors", "methods", "task_vectors", "OnlineMerger", "ops", "ref",
            "MergeInputError", "BackendUnavailableError", "__version__"]

@@ -1,4 +1,5 @@
-"""Entropy-adaptive online merging (issue 7). So far: the flat parameter arena."""
+"""Entropy-adaptive online merging: the flat parameter arena and the merger built on it."""
 from .arena import ParameterArena, Slot
+from .merger import OnlineMerger, OnlineResult
 
-__all__ = ["ParameterArena", "Slot"]
+__all__ = ["OnlineMerger", "OnlineResult", "ParameterArena", "Slot"]
