@@ -6,10 +6,15 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
-{ nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"; } \
-    > "$OUT/env.txt" 2>&1
+{ nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"
+  python3 -c "import cupy; print('cupy', cupy.__version__)"; nvcc --version; } > "$OUT/env.txt" 2>&1
+start=$SECONDS                      # the nvcc build of scoremerge._C is most of the install
 pip install --no-build-isolation --no-deps -e . > "$OUT/install.log" 2>&1 || echo "install failed"
+echo "install took $((SECONDS - start)) s" | tee -a "$OUT/install.log"
 python3 -m pytest -q tests/test_triton_kernels.py tests/test_ops.py tests/test_api.py \
-    tests/test_methods_match_reference.py 2>&1 | tee "$OUT/tests.txt" | tail -5
-python3 -m pytest -q bench/test_projection_gpu.py -s 2>&1 | tee "$OUT/bench.txt" | tail -40
-cp bench/results/*gpu*.json "$OUT/" 2>/dev/null || true
+    tests/test_methods_match_reference.py tests/test_mix.py tests/test_cuda_extension.py \
+    tests/test_mix_kernel_on_host.py tests/test_online.py tests/test_arena.py 2>&1 \
+    | tee "$OUT/tests.txt" | tail -5
+python3 -m pytest -q bench/test_projection_gpu.py bench/test_mix_gpu.py bench/test_online.py -s 2>&1 \
+    | tee "$OUT/bench.txt" | tail -60
+cp bench/results/*gpu*.json bench/results/online_cuda.json "$OUT/" 2>/dev/null || true

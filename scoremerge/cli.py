@@ -59,7 +59,7 @@ def _parser():
 
     d = sub.add_parser("demo", help="the embedded benchmark: leave-one-rotation-out merging of "
                        "digit experts with every method (trains on first use, cached)")
-    d.add_argument("--out", default="runs/demo", help="folder for results.json and accuracy.png")
+    d.add_argument("--out", default="runs/demo", help="folder for results.json, accuracy.png and online.png")
     d.add_argument("--seed", default=0, type=int, help="data split, initialisation and training")
     d.add_argument("--device", default="cpu", help="cpu or cuda: merging and evaluation (training is always on the CPU)")
     d.add_argument("--backend", default="auto", choices=BACKENDS + ("reference",),

@@ -72,6 +72,29 @@ def test_merged_models_are_above_chance_on_the_target(quick_run):
                 assert acc > bound, (section, label, angle, acc)
 
 
+def test_online_section_covers_every_stream_and_beats_chance(quick_run):
+    """Every held-out and mixed stream is scored for every method; the online merger's mean over
+    the streams beats chance by 3 sigma of the smallest stream, and its coefficients are
+    convex combinations of the stream's source experts."""
+    from scoremerge.demo.online import LABELS, MIXED_PAIRS
+    root, _, results = quick_run
+    online = results["online"]
+    expected = [str(a) for a in ANGLES] + [f"{a}+{b}" for a, b in MIXED_PAIRS]
+    assert list(online["streams"]) == expected
+    for name, row in online["streams"].items():
+        assert set(row["accuracy"]) == set(LABELS), name
+        assert not set(row["held_out"]) & set(row["sources"]), name
+        assert row["best_single_expert_source"] in row["sources"]
+        for coeffs in row["coefficients"].values():
+            for group in ("encoder", "head"):
+                assert len(coeffs[group]) == len(row["sources"])
+                assert abs(sum(coeffs[group]) - 1) < 1e-5 and min(coeffs[group]) >= 0
+    smallest = min(row["n"] for row in online["streams"].values())
+    assert online["mean"]["online entropy"] > chance_bound(smallest)
+    png = (root / "out" / "online.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
 def test_alpha_is_chosen_from_the_grid_on_source_validation(quick_run):
     _, _, results = quick_run
     grid = results["config"]["alpha_grid"]
@@ -90,7 +113,10 @@ def test_second_run_loads_the_cache_and_prints_the_same_table(quick_run, capsys)
     for section in ("merged", "tuned_alpha"):
         for label, row in first[section].items():
             assert second[section][label]["accuracy"] == row["accuracy"], label
-    assert "score:diag" in capsys.readouterr().out
+    for name, row in first["online"]["streams"].items():
+        assert second["online"]["streams"][name]["accuracy"] == row["accuracy"], name
+    out = capsys.readouterr().out
+    assert "score:diag" in out and "online entropy" in out
 
 
 def test_reference_backend_gives_the_same_accuracies(quick_run):
@@ -126,6 +152,10 @@ def test_cuda_run_merges_the_same_experts_and_agrees_with_the_cpu(quick_run):
                     continue                        # a near-tie on validation may pick another alpha
                 assert abs(gpu[section][label]["accuracy"][angle] - acc) <= 1.01 / n_test(), \
                     (section, label, angle)
+    for name, row in cpu["online"]["streams"].items():    # the CUDA mixing kernel, end to end
+        for label, acc in row["accuracy"].items():
+            assert abs(gpu["online"]["streams"][name]["accuracy"][label] - acc) <= 3.01 / row["n"], \
+                (name, label)
 
 
 def tiny_config(**kw):

@@ -1,5 +1,6 @@
 """Leave-one-domain-out merging on rotated digits: for every target rotation, merge the experts of
-the other rotations with every registered method and test the merged model on the target.
+the other rotations with every registered method and test the merged model on the target; then
+the online section (online.py): the same experts merged per unlabeled test batch.
 
 Per target: the merged model at a fixed alpha (1.0, as in SCORE's code), and, when an alpha grid
 is given, the merged model at the alpha that scores best on the source domains' validation splits
@@ -19,6 +20,7 @@ from .checkpoints import trained_models
 from .data import ANGLES, CANVAS, SPLIT_FRACTIONS, Split, rotated_domains, upright_train
 from .evaluate import accuracy, ensemble_accuracy
 from .model import TinyViT, ViTConfig
+from .online import run_online
 from .train import Schedule
 
 ALPHA_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0, 1.3, 1.6, 2.0)
@@ -133,9 +135,10 @@ def run_experiment(config, cache_dir=None, retrain=False, log=print):
     for rows in (merged, tuned):
         for row in rows.values():
             row["mean"] = statistics.fmean(row["accuracy"].values())
+    online = run_online(config, experts, domains, log)
     return {"config": config.as_dict(), "domains": list(config.angles), "training": training,
             "expert_matrix": expert_matrix, "reference": reference, "merged": merged,
-            "tuned_alpha": tuned, "seconds": time.perf_counter() - start}
+            "tuned_alpha": tuned, "online": online, "seconds": time.perf_counter() - start}
 
 
 def _row(variant, alpha):

@@ -1,4 +1,5 @@
-"""The demo's outputs: a text table (methods x target rotations), results.json and a PNG chart."""
+"""The demo's outputs: text tables (methods x target rotations, methods x online streams),
+results.json and PNG charts."""
 import json
 import statistics
 
@@ -37,6 +38,25 @@ def format_table(results):
     return "\n".join(lines)
 
 
+def format_online_table(online):
+    """Methods x streams: accuracy (%) over each stream of unlabeled test batches."""
+    from .online import LABELS
+    streams = online["streams"]
+    head = f"{'':32s}" + "".join(f"{name:>8s}" for name in streams) + f"{'mean':>8s}"
+    lines = [f"Online: streams of {online['batch']}-image unlabeled batches from held-out "
+             "rotations (a+b: half of every batch from each); accuracy (%)", head]
+    for key, label in LABELS.items():
+        values = [streams[name]["accuracy"][key] for name in streams]
+        lines.append(f"  {label:30s}" + "".join(f"{100 * v:8.1f}" for v in values)
+                     + f"{100 * online['mean'][key]:8.1f}")
+    ms = statistics.median(r["ms_per_batch"]["online entropy"] for r in streams.values())
+    lines += ["+   one merged model per batch from the entropy of the experts' predictions "
+              f"(median {ms:.1f} ms per batch here, all passes included)",
+              "**  the source expert that scores best on the stream, chosen in hindsight",
+              "*** mean logits of the source experts: K forward passes, not one merged model"]
+    return "\n".join(lines)
+
+
 def _line(label, accuracy, domains):
     values = [accuracy[_key(accuracy, a)] for a in domains]
     mean = statistics.fmean(values)
@@ -54,12 +74,32 @@ def write_json(results, path):
     write_file_atomically(path, write)
 
 
+def plot_online(results, path):
+    """Accuracy per stream and method of the online section, as grouped bars."""
+    plt = _pyplot()
+
+    from .online import LABELS
+    streams = results["online"]["streams"]
+    names = list(streams)
+    fig, ax = plt.subplots(figsize=(12, 5))
+    width = 0.8 / len(LABELS)
+    for i, (key, label) in enumerate(LABELS.items()):
+        ax.bar([j + (i - (len(LABELS) - 1) / 2) * width for j in range(len(names))],
+               [100 * streams[n]["accuracy"][key] for n in names], width, label=label.rstrip(" *+"))
+    ax.set_xticks(range(len(names)), [f"{n} deg" for n in names])
+    ax.set_xlabel("held-out rotation(s) the stream draws from")
+    ax.set_ylabel("accuracy over the stream (%)")
+    ax.set_ylim(bottom=max(0, 100 * min(min(r["accuracy"].values()) for r in streams.values()) - 10))
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=len(LABELS), fontsize=8)
+    ax.set_title("scoremerge demo, online: per-batch entropy-adaptive merging (seed "
+                 f"{results['config']['seed']})")
+    _save(plt, fig, path)
+
+
 def plot(results, path):
     """Two panels: mean held-out accuracy per method (alpha fixed and tuned) against the
     references, and accuracy per target rotation."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     domains = results["domains"]
     merged, tuned, ref = results["merged"], results["tuned_alpha"], results["reference"]
@@ -93,6 +133,17 @@ def plot(results, path):
     ax2.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=4, fontsize=8)
     fig.suptitle("scoremerge demo: leave-one-rotation-out merging of digit experts (seed "
                  f"{results['config']['seed']})")
+    _save(plt, fig, path)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")             # files only, never a window
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(plt, fig, path):
     fig.tight_layout()
     try:
         write_file_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))

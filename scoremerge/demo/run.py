@@ -11,7 +11,7 @@ from .._version import __version__
 from ..errors import MergeInputError
 from .checkpoints import default_cache_dir
 from .experiment import run_experiment
-from .report import format_table, plot, write_json
+from .report import format_online_table, format_table, plot, plot_online, write_json
 
 _NEEDS = {"sklearn": "scikit-learn", "matplotlib": "matplotlib"}
 
@@ -62,8 +62,8 @@ def _ready_folder(path, flag):
 
 def run_demo(config, out="runs/demo", cache_dir=DEFAULT_CACHE, retrain=False, log=print,
              command=None):
-    """Run the benchmark for `config` (demo_config(...)); print the table; write results.json and
-    accuracy.png under `out`. cache_dir: a folder for the trained models (default:
+    """Run the benchmark for `config` (demo_config(...)); print the tables; write results.json,
+    accuracy.png and online.png under `out`. cache_dir: a folder for the trained models (default:
     ~/.cache/scoremerge/demo), or None to train in memory and cache nothing. command: recorded
     in results.json. Returns the results dict."""
     check_requirements(config)
@@ -75,9 +75,11 @@ def run_demo(config, out="runs/demo", cache_dir=DEFAULT_CACHE, retrain=False, lo
     results["environment"] = {**_environment(config.device), "command": command}
     write_json(results, out / "results.json")
     plot(results, out / "accuracy.png")
+    plot_online(results, out / "online.png")
     log(format_table(results))
+    log(format_online_table(results["online"]))
     log(f"total {results['seconds']:.1f} s (training {results['training']['seconds']:.1f} s); "
-        f"wrote {out / 'results.json'} and {out / 'accuracy.png'}")
+        f"wrote {out / 'results.json'}, {out / 'accuracy.png'} and {out / 'online.png'}")
     return results
 
 
