@@ -46,7 +46,7 @@ class NvccBuildExt(build_ext):
             "-I", pybind11.get_include(), "-I", sysconfig.get_paths()["include"],
             *[f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs],
             f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}",
-            *ext.sources, "-o", str(target)])
+            *ext.sources, "-ldl", "-o", str(target)])
 
 
 class BuildPyWithKernelSources(build_py):
@@ -63,7 +63,8 @@ class BuildPyWithKernelSources(build_py):
 
 ext_modules, cmdclass = [], {"build_py": BuildPyWithKernelSources}
 if SOURCES and _nvcc():
-    ext_modules = [Extension("scoremerge._C", sources=SOURCES, depends=HEADERS, language="c++")]
+    depends = HEADERS + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.h"))
+    ext_modules = [Extension("scoremerge._C", sources=SOURCES, depends=depends, language="c++")]
     cmdclass["build_ext"] = NvccBuildExt
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -13,6 +13,7 @@
 
 #include <cuda_runtime.h>
 
+#include "eigh.h"
 #include "mix.cuh"
 
 namespace py = pybind11;
@@ -22,7 +23,7 @@ using scoremerge::f16;
 namespace {
 
 // Bumped whenever a signature below changes: kernels/cuda.py refuses a stale build.
-constexpr int ABI_VERSION = 1;
+constexpr int ABI_VERSION = 2;
 
 enum class DType { F32, BF16, F16, F64 };
 
@@ -187,6 +188,7 @@ PYBIND11_MODULE(_C, m) {
           "(MAXK, EPT) of the mix_kernel that mix() launches for these arguments");
     m.def("kernel_error", &kernel_error,
           "'' when the current device can run the kernels, else the CUDA error saying why not");
+    register_eigh(m);
     m.def("mix", &mix, py::arg("in_dtype"), py::arg("out_dtype"), py::arg("experts"),
           py::arg("row_stride"), py::arg("K"), py::arg("N"), py::arg("coeffs"),
           py::arg("block_group"), py::arg("block_start"), py::arg("block_end"),

@@ -16,7 +16,7 @@ import torch
 
 from .mix_plan import plan
 
-ABI_VERSION = 1                     # csrc/bindings.cu's ABI_VERSION: a stale _C is not used
+ABI_VERSION = 2                     # csrc/bindings.cu's ABI_VERSION: a stale _C is not used
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
                torch.float64: "float64"}
 _SIZES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}

@@ -1,16 +1,22 @@
 """ops.polar: the orthogonal polar factor of a batch of matrices."""
 from ..backend import resolve
+from ..kernels import cuda_linalg
 from ..kernels.torch import linalg as torch_linalg
-from ._checks import check_matrix_batch
+from ._checks import check_matrix_batch, linalg_unsupported
 
 
 def polar(A, *, backend="auto"):
     """Orthogonal polar factor of A [..., m, n] -> [..., m, n]: with the thin SVD A = P S Q, P Q,
-    the orthonormal matrix nearest A. float32 or float64.
+    the orthonormal matrix nearest A. float32 or float64. Backends as ops.truncated_svd's.
 
     >>> Q = polar(torch.randn(4, 30, 20))   # Q.mT @ Q == I
     """
     check_matrix_batch("A", A, ndim=2)
-    resolve("polar", backend, A.device, ("torch",))
-    out = torch_linalg.polar(A.reshape(-1, *A.shape[-2:]))
+    name = resolve("polar", backend, A.device, ("cuda", "torch"),
+                   unsupported=linalg_unsupported(A))
+    flat = A.reshape(-1, *A.shape[-2:])
+    if name == "cuda":
+        out = cuda_linalg.polar(flat)
+    else:
+        out = torch_linalg.polar(flat)
     return out.reshape(A.shape)

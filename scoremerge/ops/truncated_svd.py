@@ -1,10 +1,9 @@
 """ops.truncated_svd: the top-k singular triplets of a batch of matrices."""
-import torch
-
 from ..backend import resolve
+from ..kernels import cuda_linalg
 from ..kernels.torch import linalg as torch_linalg
 from ..ref.linalg import canonical_signs
-from ._checks import check_matrix_batch
+from ._checks import check_matrix_batch, linalg_unsupported
 
 
 def truncated_svd(A, k, *, backend="auto"):
@@ -12,6 +11,8 @@ def truncated_svd(A, k, *, backend="auto"):
 
     Returns U [..., m, k], S [..., k] (descending), Vh [..., k, n], with ALGORITHMS.md's sign
     convention (the largest-magnitude entry of each u_i is positive). float32 or float64.
+    Backends: torch (float64 Gram matrices and torch's eigensolver, SVD for ill-conditioned
+    items) and cuda (the same with cuSOLVER's batched eigensolver: one call per batch).
 
     >>> U, S, Vh = truncated_svd(torch.randn(4, 30, 20), 5)
     """
@@ -19,8 +20,13 @@ def truncated_svd(A, k, *, backend="auto"):
     r = min(A.shape[-2:])
     if not 1 <= k <= r:
         raise ValueError(f"k must be in 1..min(m, n) = {r}, got {k} for A of shape {tuple(A.shape)}")
-    resolve("truncated_svd", backend, A.device, ("torch",))
+    name = resolve("truncated_svd", backend, A.device, ("cuda", "torch"),
+                   unsupported=linalg_unsupported(A))
     lead = A.shape[:-2]
-    U, S, Vh = torch_linalg.truncated_svd(A.reshape(-1, *A.shape[-2:]), k)
+    flat = A.reshape(-1, *A.shape[-2:])
+    if name == "cuda":
+        U, S, Vh = cuda_linalg.truncated_svd(flat, k)
+    else:
+        U, S, Vh = torch_linalg.truncated_svd(flat, k)
     U, Vh = canonical_signs(U, Vh)
     return U.reshape(*lead, *U.shape[-2:]), S.reshape(*lead, k), Vh.reshape(*lead, *Vh.shape[-2:])

@@ -19,14 +19,15 @@ from .cores import map_batch
 _MAX_KAPPA = 1e4
 
 
-def _eigh_descending(G):
-    w, Q = torch.linalg.eigh(G)
+def _eigh_descending(G, eigh):
+    w, Q = eigh(G)
     return w.flip(-1).clamp_min(0), Q.flip(-1)
 
 
-def _truncated_svd_gram(X, k):
-    """Top-k triplets of float64 X [b, m, n], m >= n, as (U, s, V), and a per-item "redo" flag."""
-    w, Q = _eigh_descending(X.mT @ X)
+def _truncated_svd_gram(X, k, eigh):
+    """Top-k triplets of float64 X [b, m, n], m >= n, as (U, s, V), and a per-item "redo" flag
+    (NaN eigenvalues, an eigensolver's "did not converge", fail the test and are redone too)."""
+    w, Q = _eigh_descending(X.mT @ X, eigh)
     s = w[..., :k].sqrt()
     V = Q[..., :k]
     ok = s[..., -1] * _MAX_KAPPA > s[..., 0]
@@ -34,12 +35,13 @@ def _truncated_svd_gram(X, k):
     return U, s, V, ~ok
 
 
-def truncated_svd(A, k):
+def truncated_svd(A, k, eigh=torch.linalg.eigh):
     """Top-k singular triplets of A [b, m, n]: U [b, m, k], S [b, k], Vh [b, k, n] in A's dtype,
-    values descending, signs as the eigensolver left them."""
+    values descending, signs as the eigensolver left them. eigh: the batched symmetric
+    eigensolver (ascending values, vectors as columns), torch's by default."""
     tall = A.shape[-2] >= A.shape[-1]
     X = A if tall else A.mT
-    P, s, Q, redo = map_batch(lambda x: _truncated_svd_gram(x, k), X.double())
+    P, s, Q, redo = map_batch(lambda x: _truncated_svd_gram(x, k, eigh), X.double())
     if redo.any():
         U, S, Vh = torch.linalg.svd(X[redo], full_matrices=False)
         P[redo], s[redo], Q[redo] = (t.double() for t in (U[..., :k], S[..., :k], Vh[..., :k, :].mT))
@@ -47,19 +49,19 @@ def truncated_svd(A, k):
     return U.to(A.dtype), s.to(A.dtype), Vh.to(A.dtype)
 
 
-def _polar_gram(X):
+def _polar_gram(X, eigh):
     """Polar factor of float64 X [b, m, n], m >= n, and a per-item "redo" flag."""
-    w, Q = _eigh_descending(X.mT @ X)
+    w, Q = _eigh_descending(X.mT @ X, eigh)
     ok = w[..., -1] * _MAX_KAPPA**2 > w[..., 0]
     inv_sqrt = torch.where(ok[..., None], w, 1.0).rsqrt()
     return X @ ((Q * inv_sqrt[..., None, :]) @ Q.mT), ~ok
 
 
-def polar(A):
+def polar(A, eigh=torch.linalg.eigh):
     """Orthogonal polar factor of A [b, m, n] in A's dtype (thin SVD A = P S Q -> P Q)."""
     tall = A.shape[-2] >= A.shape[-1]
     X = A if tall else A.mT
-    out, redo = map_batch(_polar_gram, X.double())
+    out, redo = map_batch(lambda x: _polar_gram(x, eigh), X.double())
     if redo.any():
         P, _, Q = torch.linalg.svd(X[redo], full_matrices=False)
         out[redo] = (P @ Q).double()
