@@ -11,9 +11,11 @@ import torch
 from . import api
 from .backend import BACKENDS
 from .errors import BackendUnavailableError, MergeInputError
-from .io import check_writable, load_state_dict, parse_size, save_state_dict
+from .config import CLI_UNSET, merge_settings_from
+from .io import check_writable, load_state_dict, save_state_dict
 from .io.read import INDEX_FILES, SINGLE_FILES
 from .methods import get
+from .streaming import merge_checkpoints, streaming_refusal
 from .validate import check_models
 
 # Files of a base model folder copied beside the merged weights (configs, tokenizers).
@@ -36,8 +38,10 @@ def _parser():
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     m = sub.add_parser("merge", help="merge experts fine-tuned from one base model")
-    m.add_argument("--base", required=True, help="base model: .safetensors, .pt/.bin, or HF folder")
-    m.add_argument("--experts", required=True, nargs="+", help="fine-tuned models, same format")
+    m.add_argument("--config", metavar="FILE",
+                   help="YAML or JSON file of these settings (flags given here override it)")
+    m.add_argument("--base", help="base model: .safetensors, .pt/.bin, or HF folder")
+    m.add_argument("--experts", nargs="+", help="fine-tuned models, same format")
     m.add_argument("--method", default="score", help="merge method (see `scoremerge methods`)")
     m.add_argument("--alpha", default=1.0, type=float, help="merged = base + alpha * tau")
     m.add_argument("--exclude", nargs="*", default=[], metavar="PATTERN",
@@ -49,10 +53,18 @@ def _parser():
                    help="compute dtype (outputs keep the base's dtypes)")
     m.add_argument("--backend", default="auto", choices=BACKENDS + ("reference",))
     m.add_argument("--max-shard-size", default="5GB", help="shard the output above this size")
+    m.add_argument("--max-gpu-memory", metavar="SIZE",
+                   help="GPU memory for one streamed batch with its workspace (default: half "
+                        "of what is free)")
+    m.add_argument("--stream", action="store_true",
+                   help="require the streaming merge (used anyway whenever every input is a "
+                        "safetensors checkpoint and the method merges keys independently)")
+    m.add_argument("--resume", action="store_true",
+                   help="finish an interrupted streaming merge into --out (same settings)")
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
-    m.add_argument("--out", required=True, help="output folder (HF layout, safetensors)")
-    m.set_defaults(run=_merge)
+    m.add_argument("--out", help="output folder (HF layout, safetensors)")
+    m.set_defaults(run=_merge, **CLI_UNSET)      # untyped flags stay None: a --config shows through
 
     ls = sub.add_parser("methods", help="list merge methods with their options")
     ls.set_defaults(run=_methods)
@@ -81,20 +93,38 @@ def _parser():
     return parser
 
 
-def _parse_options(pairs):
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise MergeInputError(f"--option {pair!r} is not KEY=VALUE")
-        options[key] = value
-    return options
-
-
 def _merge(args):
+    settings = merge_settings_from(args)
+    why_not = streaming_refusal(settings)
+    if why_not is None:
+        return _merge_streaming(settings)
+    if settings.stream or settings.resume or settings.max_gpu_memory is not None:
+        flag = "--stream" if settings.stream else "--resume" if settings.resume \
+            else "--max-gpu-memory"
+        raise MergeInputError(f"{flag} needs the streaming merge, which cannot run: {why_not}")
+    return _merge_in_memory(settings)
+
+
+def _merge_streaming(args):
+    start = time.perf_counter()
+    stats = merge_checkpoints(
+        args.base, args.experts, args.out, args.method, alpha=args.alpha, exclude=args.exclude,
+        backend=args.backend, device=args.device, dtype=args.dtype,
+        max_gpu_memory=args.max_gpu_memory, max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress,
+        metadata={"backend": args.backend}, side_files=_base_side_files(Path(args.base)),
+        **args.option)
+    seconds = time.perf_counter() - start
+    print(f"merged {len(args.experts)} experts with {args.method} in {seconds:.2f} s, streaming: "
+          f"{stats['bytes_read'] / 1e9:.2f} GB read (read {stats['read_s']:.1f} s, compute "
+          f"{stats['compute_s']:.1f} s, write {stats['write_s']:.1f} s; "
+          f"{stats['shards_skipped']} shard(s) reused) -> {args.out}")
+    return 0
+
+
+def _merge_in_memory(args):
     spec = get(args.method)
-    options = spec.parse_options(_parse_options(args.option))
-    parse_size(args.max_shard_size)
+    options = args.option
     check_writable(args.out, args.overwrite)
     paths = [args.base] + list(args.experts)
     models = [load_state_dict(p) for p in paths]

@@ -26,13 +26,7 @@ def check_models(models, names, *, floating_only=False):
             raise MergeInputError(f"{name} must be a mapping of names to tensors, got "
                                   f"{type(model).__name__}")
     first, first_name = models[0], names[0]
-    for model, name in zip(models[1:], names[1:]):
-        missing, extra = set(first) - set(model), set(model) - set(first)
-        if missing or extra:
-            parts = ([f"missing {len(missing)} key(s) of {first_name}: {_listing(missing)}"] if missing
-                     else []) + ([f"has {len(extra)} key(s) {first_name} lacks: {_listing(extra)}"]
-                                 if extra else [])
-            raise MergeInputError(f"{name} does not have the keys of {first_name}: " + "; ".join(parts))
+    check_same_keys(models, names)
     for key in first:
         for model, name in zip(models, names):
             x = model[key]
@@ -53,6 +47,18 @@ def check_models(models, names, *, floating_only=False):
                 raise MergeInputError(f"non-float key {key!r} differs between {first_name} and "
                                       f"{name}; integer buffers are copied from the base, never "
                                       "merged, so they must agree")
+
+
+def check_same_keys(models, names):
+    """Every model (a mapping, or any collection of key names) has the first one's keys."""
+    first, first_name = set(models[0]), names[0]
+    for model, name in zip(models[1:], names[1:]):
+        missing, extra = first - set(model), set(model) - first
+        if missing or extra:
+            parts = ([f"missing {len(missing)} key(s) of {first_name}: {_listing(missing)}"] if missing
+                     else []) + ([f"has {len(extra)} key(s) {first_name} lacks: {_listing(extra)}"]
+                                 if extra else [])
+            raise MergeInputError(f"{name} does not have the keys of {first_name}: " + "; ".join(parts))
 
 
 def exclude_patterns(exclude):

@@ -59,7 +59,7 @@ def save_state_dict(state_dict, out_dir, *, metadata=None, max_shard_size=DEFAUL
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(out_dir)
     try:
-        names = _shard_names(len(shards))
+        names = shard_names(len(shards))
         for name, keys in zip(names, shards):
             save_file({k: tensors[k] for k in keys}, tmp / name, metadata=meta)
             give_plain_file_mode(tmp / name)
@@ -69,7 +69,7 @@ def save_state_dict(state_dict, out_dir, *, metadata=None, max_shard_size=DEFAUL
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
         for f in extra_files:
             shutil.copy2(f, tmp / Path(f).name)
-        _replace(tmp, out_dir)
+        replace_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -106,13 +106,13 @@ def _plan_shards(tensors, limit):
     return shards
 
 
-def _shard_names(n):
+def shard_names(n):
     if n == 1:
         return ["model.safetensors"]
     return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
 
 
-def _replace(tmp, out_dir):
+def replace_folder(tmp, out_dir):
     """Rename tmp to out_dir; an existing out_dir is moved aside first, removed after."""
     if not out_dir.exists():
         os.replace(tmp, out_dir)

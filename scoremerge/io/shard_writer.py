@@ -1,0 +1,87 @@
+"""A safetensors file written piece by piece: the header first (every key's dtype, shape and offsets
+are known from the plan), then each tensor's bytes at its offset as soon as it exists, so a
+shard is never held in memory whole. Readable by the safetensors library like any other file."""
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .atomic import give_plain_file_mode
+from .lazy import DTYPES
+
+_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+class ShardWriter:
+    """Write `layout` ({key: (dtype, shape)}, in file order) to `path` under a temporary name;
+    put(key, tensor) in any order; finish() fsyncs and renames it into place, only when every
+    key has been put. abort() removes the temporary file."""
+
+    def __init__(self, path, layout, metadata):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.partial")
+        header, offset = {}, 0
+        self.spans = {}
+        for key, (dtype, shape) in layout.items():
+            nbytes = _numel(shape) * _itemsize(dtype)
+            header[key] = {"dtype": _NAMES[dtype], "shape": list(shape),
+                           "data_offsets": [offset, offset + nbytes]}
+            self.spans[key] = (offset, nbytes, dtype, tuple(shape))
+            offset += nbytes
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)                 # the format aligns the data to 8 bytes
+        self.data_start = 8 + len(blob)
+        self.size = self.data_start + offset
+        self.missing = set(layout)
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(self.fd, self.size)
+            _write_all(self.fd, len(blob).to_bytes(8, "little") + blob, 0)
+        except BaseException:
+            self.abort()
+            raise
+
+    def put(self, key, tensor):
+        offset, nbytes, dtype, shape = self.spans[key]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"{key}: planned {dtype} {shape}, got {tensor.dtype} "
+                             f"{tuple(tensor.shape)}")
+        raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        _write_all(self.fd, memoryview(raw), self.data_start + offset)
+        self.missing.discard(key)
+
+    def finish(self):
+        if self.missing:
+            raise RuntimeError(f"{self.path.name}: {len(self.missing)} key(s) never written, "
+                               f"e.g. {sorted(self.missing)[:3]}")
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = None
+        give_plain_file_mode(self.tmp)
+        os.replace(self.tmp, self.path)
+
+    def abort(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.tmp.unlink(missing_ok=True)
+
+
+def _write_all(fd, data, offset):
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _numel(shape):
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _itemsize(dtype):
+    return dtype.itemsize
