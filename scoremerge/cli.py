@@ -115,8 +115,9 @@ def _merge_streaming(args):
         metadata={"backend": args.backend}, side_files=_base_side_files(Path(args.base)),
         **args.option)
     seconds = time.perf_counter() - start
-    print(f"merged {len(args.experts)} experts with {args.method} in {seconds:.2f} s, streaming: "
-          f"{stats['bytes_read'] / 1e9:.2f} GB read (read {stats['read_s']:.1f} s, compute "
+    rank = f" (rank {stats['rank']} of {stats['ranks']})" if stats["ranks"] > 1 else ""
+    print(f"merged {len(args.experts)} experts with {args.method}{rank} in {seconds:.2f} s, "
+          f"streaming: {stats['bytes_read'] / 1e9:.2f} GB read (read {stats['read_s']:.1f} s, compute "
           f"{stats['compute_s']:.1f} s, write {stats['write_s']:.1f} s; "
           f"{stats['shards_skipped']} shard(s) reused) -> {args.out}")
     return 0

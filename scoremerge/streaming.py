@@ -25,13 +25,15 @@ from tqdm.auto import tqdm
 
 from . import api
 from ._version import __version__
+from .distributed import World
 from .errors import MergeInputError
 from .io.lazy import LazyCheckpoint, read_header
 from .io.shard_writer import ShardWriter
 from .io.write import INDEX_NAME, check_writable, parse_size, replace_folder, shard_names
 from .validate import check_models, check_same_keys, exclude_patterns
 
-PROGRESS_NAME = "scoremerge-progress.json"
+PROGRESS_NAME = "scoremerge-progress-{rank}.json"        # one per rank: no shared writes
+PROGRESS_GLOB = "scoremerge-progress-*.json"
 CPU_BATCH_BYTES = 256 * 2**20      # input bytes per batch on the CPU (all models together)
 GPU_BUDGET_FRACTION = 0.5          # of free GPU memory, when --max-gpu-memory is not given
 WORKSPACE_FACTOR = 8               # GPU bytes per input byte: f32 copies, SVD workspaces, outputs
@@ -44,6 +46,8 @@ def merge_checkpoints(base, experts, out, method="score", *, alpha=1.0, exclude=
     """Merge safetensors checkpoints (files or Hugging Face folders, sharded or not) into `out`,
     streaming: base + alpha * merged task vectors, as api.merge computes it, key batch by key
     batch. Returns a dict of what was done (seconds, bytes read, shards written and skipped).
+    Under torchrun (WORLD_SIZE > 1) the ranks take the output shards in turn, each writing its
+    own, one GPU per rank; rank 0 writes the index and renames the folder.
 
     max_gpu_memory: GPU memory budget for a batch, with its workspace (bytes or "20GB"; default:
     half the free memory). On the CPU batches hold 256 MiB of inputs. max_shard_size: output
@@ -65,7 +69,10 @@ def merge_checkpoints(base, experts, out, method="score", *, alpha=1.0, exclude=
     partial = out.parent / f".{out.name}.scoremerge-partial"
     if not (resume and partial.is_dir()):
         check_writable(out, overwrite)
+    world = World()
     device = torch.device(device) if device is not None else torch.device("cpu")
+    if world.size > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", world.local_rank)      # one GPU per rank
     models = [LazyCheckpoint(p) for p in (base, *experts)]
     names = [f"base {base}"] + [f"expert {e}" for e in experts]
     _check_layouts(models, names)
@@ -77,37 +84,47 @@ def merge_checkpoints(base, experts, out, method="score", *, alpha=1.0, exclude=
             "experts": json.dumps([str(e) for e in experts]), **(metadata or {})}
     settings = _fingerprint(models, meta, backend, device, dtype, shards)
 
+    if world.rank == 0:
+        if not resume and partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True, exist_ok=True)
+    world.barrier()
     done = _verified_shards(partial, settings) if resume else {}
-    if not resume and partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
-    _write_progress(partial, settings, done)
+    _write_progress(partial, settings, done, world.rank)
 
+    # Ranks take whole output shards in turn, so each writes only its own files.
+    mine = {name for i, name in enumerate(shards) if i % world.size == world.rank}
     skipped = len(done)
-    todo = [b for b in batches if b.shard not in done]
+    todo = [b for b in batches if b.shard in mine and b.shard not in done]
     bar = tqdm(total=sum(b.nbytes for b in todo), unit="B", unit_scale=True,
                desc=f"merge ({spec.name})", disable=not progress)
     stats = {"bytes_read": 0, "keys": 0, "read_s": 0.0, "compute_s": 0.0, "write_s": 0.0}
-    writers = {}
+    writers, error = {}, None
     try:
         _run(todo, models, shards, writers, partial, meta, bar, stats, done, settings,
-             lambda tensors: _merge_batch(tensors, names, spec.name, alpha=alpha,
-                                          exclude=exclude, backend=backend, device=device,
-                                          dtype=dtype, **opts))
-    except MergeInputError:
+             world.rank, lambda tensors: _merge_batch(tensors, names, spec.name, alpha=alpha,
+                                                      exclude=exclude, backend=backend,
+                                                      device=device, dtype=dtype, **opts))
+    except BaseException as e:
         for w in writers.values():
-            w.abort()
-        shutil.rmtree(partial, ignore_errors=True)          # bad input: leave nothing behind
-        raise
-    except BaseException:
-        for w in writers.values():
-            w.abort()                                       # completed shards stay for resume
-        raise
+            w.abort()                          # completed shards stay, for resume
+        error = e
     finally:
         bar.close()
-    _finish(partial, out, shards, models[0], meta, side_files, overwrite or resume)
+    # Every rank gets here, failed or not, and learns whether any failed, and how: bad input
+    # (2) leaves nothing behind; anything else (1) leaves the completed shards for resume.
+    outcome = world.max(2 if isinstance(error, MergeInputError) else 1 if error else 0)
+    if outcome == 2 and world.rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    if outcome:
+        world.barrier()
+        raise error or MergeInputError("another rank of this merge failed; see its error")
+    if world.rank == 0:
+        _finish(partial, out, shards, models[0], meta, side_files, overwrite or resume)
+    world.barrier()
     stats |= {"seconds": time.perf_counter() - start, "shards_written": len(shards) - skipped,
-              "shards_skipped": skipped, "out": str(out)}
+              "shards_skipped": skipped, "out": str(out), "rank": world.rank,
+              "ranks": world.size}
     return stats
 
 
@@ -175,7 +192,8 @@ def _plan_batches(models, shards, budget):
     return batches
 
 
-def _run(batches, models, shards, writers, partial, meta, bar, stats, done, settings, merge):
+def _run(batches, models, shards, writers, partial, meta, bar, stats, done, settings, rank,
+         merge):
     """The pipeline: read batch i+1 while batch i merges; write batch i while i+1 merges."""
     remaining = {name: len(keys) for name, keys in shards.items() if name not in done}
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
@@ -195,7 +213,7 @@ def _run(batches, models, shards, writers, partial, meta, bar, stats, done, sett
                           for k in shards[batch.shard]}
                 writers[batch.shard] = ShardWriter(partial / batch.shard, layout, meta)
             pending = writer.submit(_write, writers, batch, merged, remaining, partial, done,
-                                    settings, stats)
+                                    settings, rank, stats)
             bar.update(batch.nbytes)
             stats["keys"] += len(batch.keys)
             bar.set_postfix(keys=stats["keys"])
@@ -217,7 +235,7 @@ def _read(batch, models, stats):
     return out
 
 
-def _write(writers, batch, merged, remaining, partial, done, settings, stats):
+def _write(writers, batch, merged, remaining, partial, done, settings, rank, stats):
     t0 = time.perf_counter()
     w = writers[batch.shard]
     for key in batch.keys:
@@ -227,7 +245,7 @@ def _write(writers, batch, merged, remaining, partial, done, settings, stats):
         w.finish()
         del writers[batch.shard]
         done[batch.shard] = _sha256(partial / batch.shard)
-        _write_progress(partial, settings, done)
+        _write_progress(partial, settings, done, rank)
     stats["write_s"] += time.perf_counter() - t0
 
 
@@ -242,23 +260,27 @@ def _fingerprint(models, meta, backend, device, dtype, shards):
 
 
 def _verified_shards(partial, settings):
-    """{shard: sha256} recorded in an interrupted merge's progress file whose files still hash
-    to it; empty when there is none, or it was made with other inputs or settings."""
-    try:
-        progress = json.loads((partial / PROGRESS_NAME).read_text())
-    except (OSError, ValueError):
-        return {}
-    if progress.get("settings") != settings:
-        raise MergeInputError(f"{partial}: an interrupted merge with other inputs or settings; "
-                              "rerun without --resume to start over")
-    return {name: digest for name, digest in progress.get("done", {}).items()
+    """{shard: sha256} recorded in an interrupted merge's progress files (one per rank) whose
+    files still hash to it; empty when there are none. Other inputs or settings are an error."""
+    recorded = {}
+    for path in sorted(partial.glob(PROGRESS_GLOB)):
+        try:
+            progress = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if progress.get("settings") != settings:
+            raise MergeInputError(f"{partial}: an interrupted merge with other inputs or "
+                                  "settings; rerun without --resume to start over")
+        recorded |= progress.get("done", {})
+    return {name: digest for name, digest in recorded.items()
             if (partial / name).is_file() and _sha256(partial / name) == digest}
 
 
-def _write_progress(partial, settings, done):
-    tmp = partial / f".{PROGRESS_NAME}.tmp"
+def _write_progress(partial, settings, done, rank):
+    path = partial / PROGRESS_NAME.format(rank=rank)
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps({"settings": settings, "done": done}, indent=1))
-    os.replace(tmp, partial / PROGRESS_NAME)
+    os.replace(tmp, path)
 
 
 def _sha256(path):
@@ -278,7 +300,8 @@ def _finish(partial, out, shards, base, meta, side_files, replace):
         shutil.copy2(f, partial / Path(f).name)
     for name in shards:                   # a last look: every shard is there and readable
         read_header(partial / name)
-    (partial / PROGRESS_NAME).unlink()
+    for path in partial.glob(PROGRESS_GLOB):
+        path.unlink()
     if out.exists() and not replace and any(out.iterdir()):
         raise MergeInputError(f"{out}: appeared while merging; the result is in {partial}")
     replace_folder(partial, out)
