@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU machine (the device tool): install, run the tests that exercise GPU code, run the GPU
 # benchmarks, and leave logs and recorded results under $OUT (default: gpu-out/).
-#   bash bench/gpu_run.sh [all|tests|kernels|svd]
+#   bash bench/gpu_run.sh [all|tests|kernels|svd|stream]
 # Each part fits one 10-minute device call; "all" (the default) may not: run the parts one by one
 # on a tight budget. Every part installs first (the nvcc build of scoremerge._C is most of it).
 set -uo pipefail
@@ -19,7 +19,7 @@ if [[ $PART == all || $PART == tests ]]; then
     python3 -m pytest -q tests/test_triton_kernels.py tests/test_ops.py tests/test_api.py \
         tests/test_methods_match_reference.py tests/test_mix.py tests/test_cuda_extension.py \
         tests/test_mix_kernel_on_host.py tests/test_online.py tests/test_arena.py \
-        tests/test_cuda_linalg.py tests/test_linalg_gpu.py 2>&1 \
+        tests/test_cuda_linalg.py tests/test_linalg_gpu.py tests/test_streaming.py 2>&1 \
         | tee "$OUT/tests.txt" | tail -5
 fi
 if [[ $PART == all || $PART == kernels ]]; then
@@ -28,5 +28,8 @@ if [[ $PART == all || $PART == kernels ]]; then
 fi
 if [[ $PART == all || $PART == svd ]]; then
     python3 -m pytest -q bench/test_svd_gpu.py -s 2>&1 | tee "$OUT/bench_svd.txt" | tail -60
+fi
+if [[ $PART == all || $PART == stream ]]; then
+    python3 -m pytest -q bench/test_streaming_gpu.py -s 2>&1 | tee "$OUT/bench_stream.txt" | tail -20
 fi
 cp bench/results/*gpu*.json bench/results/online_cuda.json "$OUT/" 2>/dev/null || true

@@ -30,8 +30,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from .api import COMPUTE_DTYPES
 from .backend import BACKENDS
 from .errors import MergeInputError
@@ -109,20 +107,36 @@ def _read(path):
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise MergeInputError(f"{path}: cannot read the config file: {e.strerror}") from None
-    try:
-        data = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
-    except json.JSONDecodeError as e:
-        raise MergeInputError(f"{path}:{e.lineno}:{e.colno}: not valid JSON: {e.msg}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise MergeInputError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") \
-            from None
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise MergeInputError(f"{path}:{e.lineno}:{e.colno}: not valid JSON: {e.msg}") \
+                from None
+    else:
+        data = _load_yaml(text, path)
     if not isinstance(data, dict):
         raise MergeInputError(f"{path}: must be a mapping of settings (key: value), "
                               f"got {'an empty file' if data is None else type(data).__name__}")
     _known_keys(data, FILE_KEYS.values(), str(path))
     return data
+
+
+def _load_yaml(text, path):
+    """PyYAML is imported here, not at import time: JSON configs and the rest of the package
+    work without it."""
+    try:
+        import yaml
+    except ImportError:
+        raise MergeInputError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or "
+                              "write the config as .json") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise MergeInputError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") \
+            from None
 
 
 def _validate(file_values, given, path):

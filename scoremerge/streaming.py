@@ -12,6 +12,7 @@ completed shard is recorded there with its SHA-256; `resume=True` re-verifies th
 shards and merges only the rest, with the same settings. Bad input found mid-way (NaN in a
 tensor) removes the partial output; an interruption leaves it for `resume`.
 """
+import functools
 import hashlib
 import json
 import os
@@ -104,7 +105,8 @@ def merge_checkpoints(base, experts, out, method="score", *, alpha=1.0, exclude=
         _run(todo, models, shards, writers, partial, meta, bar, stats, done, settings,
              world.rank, lambda tensors: _merge_batch(tensors, names, spec.name, alpha=alpha,
                                                       exclude=exclude, backend=backend,
-                                                      device=device, dtype=dtype, **opts))
+                                                      device=device, dtype=dtype, **opts),
+             device)
     except BaseException as e:
         for w in writers.values():
             w.abort()                          # completed shards stay, for resume
@@ -193,18 +195,21 @@ def _plan_batches(models, shards, budget):
 
 
 def _run(batches, models, shards, writers, partial, meta, bar, stats, done, settings, rank,
-         merge):
-    """The pipeline: read batch i+1 while batch i merges; write batch i while i+1 merges."""
+         merge, device):
+    """The pipeline: read batch i+1 (and on a GPU copy it over) while batch i merges; write
+    batch i while i+1 merges."""
     remaining = {name: len(keys) for name, keys in shards.items() if name not in done}
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
-        fetch = reader.submit(_read, batches[0], models, stats) if batches else None
+        fetch = reader.submit(_read, batches[0], models, stats, device) if batches else None
         pending = None
         for i, batch in enumerate(batches):
-            tensors = fetch.result()
-            fetch = reader.submit(_read, batches[i + 1], models, stats) \
+            tensors = _arrived(*fetch.result(), device)
+            fetch = reader.submit(_read, batches[i + 1], models, stats, device) \
                 if i + 1 < len(batches) else None
             t0 = time.perf_counter()
             merged = merge(tensors)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)           # so compute_s is the GPU's time
             stats["compute_s"] += time.perf_counter() - t0
             if pending is not None:
                 pending.result()                          # at most one batch waits to be written
@@ -227,12 +232,39 @@ def _merge_batch(tensors, names, method, **kw):
     return api.merge(tensors[0], tensors[1:], method, **kw)
 
 
-def _read(batch, models, stats):
+def _read(batch, models, stats, device):
+    """The batch's tensors of every model, and on a GPU an event marking their arrival there:
+    read into memory, then copied from pinned (page-locked) memory on a side stream, so the
+    copy runs while the previous batch computes."""
     t0 = time.perf_counter()
     out = [{key: m.read(key) for key in batch.keys} for m in models]
+    event = None
+    if device.type == "cuda":
+        with torch.cuda.stream(_copy_stream(device)):
+            out = [{k: v.pin_memory().to(device, non_blocking=True) for k, v in d.items()}
+                   for d in out]
+            event = torch.cuda.Event()
+            event.record()
     stats["read_s"] += time.perf_counter() - t0
     stats["bytes_read"] += batch.nbytes
-    return out
+    return out, event
+
+
+def _arrived(tensors, event, device):
+    """The tensors, usable on the compute stream: it waits for their copy, and the caching
+    allocator learns they are in use there (they were allocated on the copy stream)."""
+    if event is not None:
+        compute = torch.cuda.current_stream(device)
+        compute.wait_event(event)
+        for d in tensors:
+            for t in d.values():
+                t.record_stream(compute)
+    return tensors
+
+
+@functools.cache
+def _copy_stream(device):
+    return torch.cuda.Stream(device)
 
 
 def _write(writers, batch, merged, remaining, partial, done, settings, rank, stats):

@@ -221,3 +221,21 @@ def test_the_cli_streams_from_a_config_file_and_says_when_it_cannot(checkpoints,
                  "--stream", "--out", str(tmp_path / "o2")]) == 2
     assert "--stream needs the streaming merge" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["score", "tsv", "mean"])
+def test_streaming_on_a_gpu_agrees_with_the_cpu(checkpoints, tmp_path, method):
+    """Batches copied through pinned memory on a side stream, merged on the GPU, written back."""
+    base, experts = checkpoints
+    merge_checkpoints(base, experts, tmp_path / "gpu", method, device="cuda",
+                      max_shard_size="10KB", progress=False)
+    got, want = load_state_dict(tmp_path / "gpu"), in_memory(base, experts, method)
+    for key in want:
+        assert got[key].dtype == want[key].dtype, key
+        if want[key].is_floating_point():
+            diff = (got[key].double() - want[key].double()).norm()
+            assert diff <= 1e-3 * want[key].double().norm() + 1e-6, key
+        else:
+            assert torch.equal(got[key], want[key]), key
