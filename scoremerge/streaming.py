@@ -121,9 +121,15 @@ def merge_checkpoints(base, experts, out, method="score", *, alpha=1.0, exclude=
     if outcome:
         world.barrier()
         raise error or MergeInputError("another rank of this merge failed; see its error")
+    finish_error = None
     if world.rank == 0:
-        _finish(partial, out, shards, models[0], meta, side_files, overwrite or resume)
+        try:
+            _finish(partial, out, shards, models[0], meta, side_files, overwrite)
+        except BaseException as e:          # the other ranks must not wait at the barrier
+            finish_error = e
     world.barrier()
+    if finish_error is not None:
+        raise finish_error
     stats |= {"seconds": time.perf_counter() - start, "shards_written": len(shards) - skipped,
               "shards_skipped": skipped, "out": str(out), "rank": world.rank,
               "ranks": world.size}
@@ -131,7 +137,7 @@ def merge_checkpoints(base, experts, out, method="score", *, alpha=1.0, exclude=
 
 
 class _Batch:
-    """Keys of one output shard, one shape (or one small mixed set), read and merged together."""
+    """Same-shape keys of one output shard, read and merged together."""
 
     def __init__(self, shard, keys, nbytes):
         self.shard, self.keys, self.nbytes = shard, keys, nbytes
