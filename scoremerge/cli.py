@@ -6,7 +6,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 from . import api
 from .backend import BACKENDS

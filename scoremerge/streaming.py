@@ -289,8 +289,8 @@ def _write(writers, batch, merged, remaining, partial, done, settings, rank, sta
 
 def _fingerprint(models, meta, backend, device, dtype, shards):
     """What must match for `resume` to reuse shards: inputs (path, size, mtime), settings, plan."""
-    inputs = [[str(p), os.stat(p).st_size, os.stat(p).st_mtime_ns]
-              for m in models for p in m.shards]
+    inputs = [[str(p), st.st_size, st.st_mtime_ns]
+              for m in models for p in m.shards for st in [os.stat(p)]]
     blob = json.dumps({"inputs": inputs, "meta": meta, "backend": backend,
                        "device": device.type, "dtype": str(dtype),
                        "plan": {n: k for n, k in shards.items()}}, sort_keys=True)

@@ -57,7 +57,7 @@ def read_header(path):
         except (KeyError, TypeError, ValueError):
             raise MergeInputError(f"{path}: bad header entry for {key!r}: {entry!r}") from None
         nbytes = end - start
-        expected = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        expected = torch.Size(shape).numel() * dtype.itemsize
         if start < 0 or nbytes != expected:
             raise MergeInputError(f"{path}: {key!r} spans {nbytes} bytes, its shape and dtype "
                                   f"need {expected}")

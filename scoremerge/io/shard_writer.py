@@ -24,7 +24,7 @@ class ShardWriter:
         header, offset = {}, 0
         self.spans = {}
         for key, (dtype, shape) in layout.items():
-            nbytes = _numel(shape) * _itemsize(dtype)
+            nbytes = torch.Size(shape).numel() * dtype.itemsize
             header[key] = {"dtype": _NAMES[dtype], "shape": list(shape),
                            "data_offsets": [offset, offset + nbytes]}
             self.spans[key] = (offset, nbytes, dtype, tuple(shape))
@@ -74,14 +74,3 @@ def _write_all(fd, data, offset):
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
-
-
-def _numel(shape):
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _itemsize(dtype):
-    return dtype.itemsize
