@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from scoremerge.io import save_state_dict
-from scoremerge.io.lazy import LazyCheckpoint
+from scoremerge.io.checkpoint import Checkpoint
 from scoremerge.streaming import merge_checkpoints
 
 from harness import record
@@ -60,7 +60,7 @@ def test_7b_layers_score_merge_against_reading(tmp_path):
     t0 = time.perf_counter()
     nbytes = 0
     for p in paths:
-        ckpt = LazyCheckpoint(p)
+        ckpt = Checkpoint(p)
         for key in ckpt.infos:
             nbytes += ckpt.read(key).numel() * 2
     read_only_s = time.perf_counter() - t0

@@ -1,14 +1,16 @@
 """The public API: task_vectors, merge_task_vectors, merge, methods."""
+import math
+
 import torch
 from tqdm.auto import tqdm
 
 from . import ref
 from .backend import requested
-from .errors import MergeInputError
+from .errors import MergeInputError, shown
 from .kernels.torch.cores import parallel_map
 from .methods import all_methods, get
 from .methods.routing import excluded, routes_to_matrix, shape_groups
-from .validate import check_models, exclude_patterns
+from .validate import check_device, check_models, exclude_patterns
 
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -28,7 +30,7 @@ def task_vectors(base, experts):
 
 
 def merge_task_vectors(task_vectors, method="score", *, exclude=(), backend="auto", device=None,
-                       dtype=None, progress=False, **options):
+                       dtype=None, progress=False, allow_nonfinite=False, **options):
     """Merge T task vectors (dicts key -> float tensor, same keys and shapes) into one.
 
     method: a name from methods(); options: that method's options (methods()[name].defaults).
@@ -36,34 +38,33 @@ def merge_task_vectors(task_vectors, method="score", *, exclude=(), backend="aut
     backend: auto | cuda | triton | torch, or "reference" for scoremerge.ref's per-key loops.
     device: where to compute (inputs may live anywhere); results come back on the inputs' device.
     dtype: compute dtype, float32 (default) or float64 (default when any input is float64).
+    allow_nonfinite: return a merged value that is Inf in its dtype instead of raising.
     Returns {key: merged task vector}, each key in its input dtype.
 
     >>> tau = merge_task_vectors([tv1, tv2, tv3], "score", variant="diag")
     """
     tvs = list(task_vectors)
-    spec, opts = _method_and_options(method, options, len(tvs))
+    spec, opts = checked_method(method, options, len(tvs))
     check_models(tvs, [f"task vector {i}" for i in range(len(tvs))], floating_only=True)
-    return _merge(tvs, spec, opts, exclude_patterns(exclude), backend, device, dtype, progress)
+    merged = _merge(tvs, spec, opts, exclude_patterns(exclude), backend, device, dtype, progress)
+    return merged if allow_nonfinite else _finite(merged, "task vector")
 
 
 def merge(base, experts, method="score", *, alpha=1.0, exclude=(), backend="auto", device=None,
-          dtype=None, progress=False, **options):
+          dtype=None, progress=False, allow_nonfinite=False, **options):
     """The merged model base + alpha * merge_task_vectors(task_vectors(base, experts), ...).
 
-    Floating-point keys come back in the base's dtype; other keys are copied from the base.
+    Floating-point keys come back in the base's dtype; other keys are copied from the base. A
+    merged value that is not finite in the base's dtype (an fp16 base whose update overflows
+    it) raises MergeInputError naming the key, unless allow_nonfinite.
 
     >>> merged = merge(base, [expert1, expert2, expert3], "score", alpha=1.0)
     """
     experts = list(experts)
     _require_experts(experts)                 # before the method, so the message says what is missing
-    spec, opts = _method_and_options(method, options, len(experts))
+    spec, opts = checked_method(method, options, len(experts))
     _check_base_and_experts(base, experts)
-    try:
-        alpha = float(alpha)
-    except (TypeError, ValueError):
-        raise MergeInputError(f"alpha must be a number, got {alpha!r}") from None
-    if not torch.isfinite(torch.tensor(alpha)):
-        raise MergeInputError(f"alpha must be finite, got {alpha}")
+    alpha = checked_alpha(alpha)
     taus = _merge(_task_vectors(base, experts), spec, opts, exclude_patterns(exclude), backend,
                   device, dtype, progress)
     out = {}
@@ -73,7 +74,32 @@ def merge(base, experts, method="score", *, alpha=1.0, exclude=(), backend="auto
             out[key] = torch.add(b.to(cdtype), taus[key], alpha=alpha).to(b.dtype)
         else:
             out[key] = b.clone()
-    return out
+    return out if allow_nonfinite else _finite(out, "merged model")
+
+
+def checked_alpha(alpha):
+    """alpha as a finite float, or MergeInputError."""
+    try:
+        alpha = float(alpha)
+    except (TypeError, ValueError):
+        raise MergeInputError(f"alpha must be a number, got {shown(alpha)}") from None
+    if not math.isfinite(alpha):
+        raise MergeInputError(f"alpha must be finite, got {alpha}")
+    return alpha
+
+
+def _finite(tensors, what):
+    """The tensors, once every floating one is finite: inputs were checked, so Inf here is an
+    update that overflowed the output dtype (or a method's own failure), never written silently."""
+    for key, x in tensors.items():
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            bad = "NaN" if torch.isnan(x).any() else "Inf"
+            raise MergeInputError(
+                f"key {shown(key)} of the {what} holds {bad} in {str(x.dtype).removeprefix('torch.')}"
+                f" (largest finite value {torch.finfo(x.dtype).max:.4g}): the merged update "
+                "overflows it; lower alpha, or pass allow_nonfinite=True (--allow-nonfinite) to "
+                "write it anyway")
+    return tensors
 
 
 def _require_experts(experts):
@@ -97,7 +123,8 @@ def _task_vectors(base, experts):
     return out
 
 
-def _method_and_options(method, options, n_tasks):
+def checked_method(method, options, n_tasks):
+    """(the registered method, its options parsed with defaults filled in), or MergeInputError."""
     spec = get(method)
     opts = spec.parse_options(options)
     if n_tasks < spec.min_tasks:
@@ -121,7 +148,7 @@ def _merge(tvs, spec, opts, exclude, backend, device, dtype, progress):
     cdtype = _compute_dtype(dtype, tvs)
     first = tvs[0]
     home = next(iter(first.values())).device if first else torch.device("cpu")
-    device = torch.device(device) if device is not None else home
+    device = check_device(device) if device is not None else home
     keys = list(first)
 
     def stacked(key):

@@ -1,35 +1,75 @@
-"""The command line: scoremerge merge | methods | demo | example."""
+"""The command line: scoremerge merge | methods | demo | example.
+
+Every failure ends in one line on stderr: exit 2 for bad input (the message names it), 1 for a
+failure of scoremerge itself (with where to report it; SCOREMERGE_DEBUG=1 shows the traceback),
+130 / 143 on SIGINT / SIGTERM (a streaming merge keeps its completed shards for --resume).
+"""
 import argparse
 import json
+import os
 import shlex
+import signal
 import sys
+import threading
 import time
+import traceback
 from pathlib import Path
-
 
 from . import api
 from .backend import BACKENDS
-from .errors import BackendUnavailableError, MergeInputError
 from .config import CLI_UNSET, merge_settings_from
-from .io import check_writable, load_state_dict, save_state_dict
-from .io.read import INDEX_FILES, SINGLE_FILES
-from .methods import get
+from .errors import BackendUnavailableError, MergeInputError, shown
+from .io.access import check_output, output_lock, side_files
+from .io.checkpoint import WEIGHT_FILES, Checkpoint
+from .io.write import check_writable, write_folder
 from .streaming import merge_checkpoints, streaming_refusal
 from .validate import check_models
 
-# Files of a base model folder copied beside the merged weights (configs, tokenizers).
-_COPIED_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".py")
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where SIGINT raises KeyboardInterrupt, so the same cleanup runs."""
 
 
 def main(argv=None):
     parser = _parser()
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
+    args.resumable = False
+    previous = _on_sigterm_raise()
     try:
         return args.run(args)
     except (MergeInputError, BackendUnavailableError) as e:
-        print(f"scoremerge: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(f"error: {e}", 2)
+    except KeyboardInterrupt as e:
+        hint = "; the completed shards are kept: rerun with --resume to finish" \
+            if args.resumable else "; nothing was written"
+        return _fail(f"interrupted{hint}", 143 if isinstance(e, _Terminated) else 130)
+    except OSError as e:          # the file system refused: permissions, space, a busy file
+        where = f": {e.filename}" if e.filename else ""
+        return _fail(f"error: {e.strerror or e}{where}", 2)
+    except Exception as e:  # anything else is scoremerge's own failure
+        if os.environ.get("SCOREMERGE_DEBUG"):
+            traceback.print_exc()
+        return _fail(f"internal error: {type(e).__name__}: {shown(str(e))}; this is a bug in "
+                     "scoremerge: please report it with the command that gave it "
+                     "(SCOREMERGE_DEBUG=1 prints the traceback)", 1)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _fail(message, code):
+    print(f"scoremerge: {message}", file=sys.stderr)
+    return code
+
+
+def _on_sigterm_raise():
+    """Install the SIGTERM handler (the main thread only can); return the one it replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminated(signum, frame):
+        raise _Terminated()
+    return signal.signal(signal.SIGTERM, terminated)
 
 
 def _parser():
@@ -60,7 +100,11 @@ def _parser():
                         "safetensors checkpoint and the method merges keys independently)")
     m.add_argument("--resume", action="store_true",
                    help="finish an interrupted streaming merge into --out (same settings)")
-    m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    m.add_argument("--overwrite", action="store_true",
+                   help="replace --out when it holds a previous scoremerge merge (only then)")
+    m.add_argument("--allow-nonfinite", action="store_true",
+                   help="write merged values that overflow the output dtype as Inf instead of "
+                        "refusing")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
     m.add_argument("--out", help="output folder (HF layout, safetensors)")
     m.set_defaults(run=_merge, **CLI_UNSET)      # untyped flags stay None: a --config shows through
@@ -96,6 +140,7 @@ def _merge(args):
     settings = merge_settings_from(args)
     why_not = streaming_refusal(settings)
     if why_not is None:
+        args.resumable = True          # an interruption from here on keeps completed shards
         return _merge_streaming(settings)
     if settings.stream or settings.resume or settings.max_gpu_memory is not None:
         flag = "--stream" if settings.stream else "--resume" if settings.resume \
@@ -106,13 +151,14 @@ def _merge(args):
 
 def _merge_streaming(args):
     start = time.perf_counter()
+    copied = _side_files(args.base)
     stats = merge_checkpoints(
         args.base, args.experts, args.out, args.method, alpha=args.alpha, exclude=args.exclude,
         backend=args.backend, device=args.device, dtype=args.dtype,
         max_gpu_memory=args.max_gpu_memory, max_shard_size=args.max_shard_size,
         overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress,
-        metadata={"backend": args.backend}, side_files=_base_side_files(Path(args.base)),
-        **args.option)
+        metadata={"backend": args.backend}, side_files=copied,
+        allow_nonfinite=args.allow_nonfinite, **args.option)
     seconds = time.perf_counter() - start
     rank = f" (rank {stats['rank']} of {stats['ranks']})" if stats["ranks"] > 1 else ""
     print(f"merged {len(args.experts)} experts with {args.method}{rank} in {seconds:.2f} s, "
@@ -123,32 +169,50 @@ def _merge_streaming(args):
 
 
 def _merge_in_memory(args):
-    spec = get(args.method)
-    options = args.option
-    check_writable(args.out, args.overwrite)
-    paths = [args.base] + list(args.experts)
-    models = [load_state_dict(p) for p in paths]
-    check_models(models, [f"{'base' if i == 0 else 'expert'} {p}" for i, p in enumerate(paths)])
-    start = time.perf_counter()
-    merged = api.merge(models[0], models[1:], spec.name, alpha=args.alpha, exclude=args.exclude,
-                       backend=args.backend, device=args.device, dtype=args.dtype,
-                       progress=not args.no_progress, **options)
-    seconds = time.perf_counter() - start
-    metadata = {"method": spec.name, "options": json.dumps(options), "alpha": args.alpha,
-                "exclude": json.dumps(args.exclude), "base": str(args.base),
-                "experts": json.dumps([str(e) for e in args.experts]), "backend": args.backend}
-    save_state_dict(merged, args.out, metadata=metadata, max_shard_size=args.max_shard_size,
-                    overwrite=args.overwrite, extra_files=_base_side_files(Path(args.base)))
-    print(f"merged {len(args.experts)} experts with {spec.name} in {seconds:.2f} s -> {args.out}")
+    """Inputs opened and checked first; the output checked against them and locked before
+    anything is read whole; the result written under the same lock."""
+    paths = [args.base, *args.experts]
+    names = [f"{'base' if i == 0 else 'expert'} {p}" for i, p in enumerate(paths)]
+    copied = _side_files(args.base)
+    checkpoints = [Checkpoint(p) for p in paths]
+    try:
+        check_output(args.out, [*paths, *(f for c in checkpoints for f in c.files),
+                                *(real for _, real in copied)])
+        with output_lock(args.out):
+            check_writable(args.out, args.overwrite)
+            models = []
+            for checkpoint in checkpoints:
+                models.append(checkpoint.load())
+                checkpoint.check_unchanged()
+                checkpoint.close()
+            check_models(models, names)
+            start = time.perf_counter()
+            merged = api.merge(models[0], models[1:], args.method, alpha=args.alpha,
+                               exclude=args.exclude, backend=args.backend, device=args.device,
+                               dtype=args.dtype, progress=not args.no_progress,
+                               allow_nonfinite=args.allow_nonfinite, **args.option)
+            seconds = time.perf_counter() - start
+            metadata = {"method": args.method, "options": json.dumps(args.option, sort_keys=True),
+                        "alpha": args.alpha, "exclude": json.dumps(list(args.exclude)),
+                        "base": args.base, "experts": json.dumps(list(args.experts)),
+                        "backend": args.backend}
+            write_folder(merged, args.out, metadata=metadata, max_shard_size=args.max_shard_size,
+                         overwrite=args.overwrite, extra_files=copied)
+    finally:
+        for checkpoint in checkpoints:
+            checkpoint.close()
+    print(f"merged {len(args.experts)} experts with {args.method} in {seconds:.2f} s -> "
+          f"{args.out}")
     return 0
 
 
-def _base_side_files(base):
-    if not base.is_dir():
-        return []
-    weights = set(SINGLE_FILES + INDEX_FILES)
-    return [p for p in sorted(base.iterdir()) if p.is_file() and p.name not in weights
-            and p.suffix in _COPIED_SUFFIXES]
+def _side_files(base):
+    """The base folder's configs and tokenizers to copy; each one refused by io.access is named
+    on stderr, so a missing tokenizer in the output is never a surprise."""
+    files, skipped = side_files(base, WEIGHT_FILES)
+    for name, why in skipped.items():
+        print(f"scoremerge: not copied: {name}: {why}", file=sys.stderr)
+    return files
 
 
 def _methods(args):

@@ -32,9 +32,10 @@ from pathlib import Path
 
 from .api import COMPUTE_DTYPES
 from .backend import BACKENDS
-from .errors import MergeInputError
+from .errors import MergeInputError, shown
 from .io.write import DEFAULT_MAX_SHARD_SIZE, parse_size
 from .methods import get
+from .validate import check_device
 
 # The one map between the two: `merge` flag (argparse dest) -> key in a config file.
 FILE_KEYS = {
@@ -42,9 +43,10 @@ FILE_KEYS = {
     "exclude": "exclude", "option": "options", "device": "device", "dtype": "dtype",
     "backend": "backend", "max_shard_size": "max_shard_size", "max_gpu_memory": "max_gpu_memory",
     "overwrite": "overwrite", "no_progress": "no_progress", "resume": "resume",
-    "stream": "stream", "out": "out",
+    "stream": "stream", "allow_nonfinite": "allow_nonfinite", "out": "out",
 }
 REQUIRED = ("base", "experts", "out")
+MAX_CONFIG_BYTES = 1 << 20
 # For cli.py: `set_defaults(**CLI_UNSET)` keeps a flag that was not typed at None, so that the
 # file's value (or MergeSettings' default) shows through instead of argparse's default.
 CLI_UNSET = dict.fromkeys(FILE_KEYS)
@@ -71,6 +73,7 @@ class MergeSettings:
     no_progress: bool = False
     resume: bool = False
     stream: bool = False
+    allow_nonfinite: bool = False
 
 
 def load_merge_config(path):
@@ -104,15 +107,22 @@ def _read(path):
     if suffix not in (".yaml", ".yml", ".json"):
         raise MergeInputError(f"{path}: a config file must end in .yaml, .yml or .json")
     try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise MergeInputError(f"{path}: a config file is at most {MAX_CONFIG_BYTES >> 10} "
+                                  "KiB; this one is larger")
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise MergeInputError(f"{path}: cannot read the config file: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise MergeInputError(f"{path}: a config file must be UTF-8 text") from None
     if suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise MergeInputError(f"{path}:{e.lineno}:{e.colno}: not valid JSON: {e.msg}") \
                 from None
+        except RecursionError:
+            raise MergeInputError(f"{path}: not a config: nested too deeply") from None
     else:
         data = _load_yaml(text, path)
     if not isinstance(data, dict):
@@ -124,14 +134,26 @@ def _read(path):
 
 def _load_yaml(text, path):
     """PyYAML is imported here, not at import time: JSON configs and the rest of the package
-    work without it."""
+    work without it. Aliases (`*name`) are refused: a few of them can stand for 10^9 values
+    (the "billion laughs"), and a merge config never needs one."""
     try:
         import yaml
     except ImportError:
         raise MergeInputError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or "
                               "write the config as .json") from None
+
+    class NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise MergeInputError(f"{path}:{mark.line + 1}:{mark.column + 1}: YAML aliases "
+                                      "(*name) are not accepted in a config; write the value out")
+            return super().compose_node(parent, index)
+
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=NoAliases)
+    except RecursionError:
+        raise MergeInputError(f"{path}: not a config: nested too deeply") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -187,9 +209,10 @@ def _with_label(label, fn, *args):
 def _known_keys(mapping, known, label):
     for key in mapping:
         if key not in known:
-            hint = difflib.get_close_matches(str(key), known, n=1)
+            hint = difflib.get_close_matches(str(key)[:100], known, n=1)
             hint = f"; did you mean {hint[0]!r}?" if hint else ""
-            raise MergeInputError(f"{label}: unknown key {key!r} (known: {', '.join(known)}){hint}")
+            raise MergeInputError(f"{label}: unknown key {shown(key)} (known: "
+                                  f"{', '.join(known)}){hint}")
 
 
 def _experts(value, label, root):
@@ -227,13 +250,13 @@ def _option_pairs(pairs):
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise MergeInputError(f"--option {pair!r} is not KEY=VALUE")
+            raise MergeInputError(f"--option {shown(pair)} is not KEY=VALUE")
         options[key] = value
     return options
 
 
 def _type_error(label, wanted, value):
-    return MergeInputError(f"{label}: must be {wanted}, got {value!r}")
+    return MergeInputError(f"{label}: must be {wanted}, got {shown(value)}")
 
 
 def _string(value, label):
@@ -268,8 +291,8 @@ def _patterns(value, label):
         try:
             re.compile(_string(pattern, f"{label}[{i}]"))
         except re.error as e:
-            raise MergeInputError(f"{label}[{i}]: {pattern!r} is not a regular expression: {e}") \
-                from None
+            raise MergeInputError(f"{label}[{i}]: {shown(pattern)} is not a regular expression: "
+                                  f"{e}") from None
     return tuple(value)
 
 
@@ -288,15 +311,20 @@ def _choice(choices):
     return check
 
 
+def _device(value, label):
+    _with_label(label, check_device, _string(value, label))
+    return value
+
+
 def _or_none(check):
     return lambda value, label: None if value is None else check(value, label)
 
 
 _CHECKS = {
     "base": _string, "out": _string, "method": _string, "alpha": _number,
-    "exclude": _patterns, "option": _mapping, "device": _or_none(_string),
+    "exclude": _patterns, "option": _mapping, "device": _or_none(_device),
     "dtype": _or_none(_choice(sorted(COMPUTE_DTYPES))),
     "backend": _choice(BACKENDS + ("reference",)),
     "max_shard_size": _size, "max_gpu_memory": _or_none(_size), "overwrite": _flag,
-    "no_progress": _flag, "resume": _flag, "stream": _flag,
+    "no_progress": _flag, "resume": _flag, "stream": _flag, "allow_nonfinite": _flag,
 }

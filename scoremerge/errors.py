@@ -1,4 +1,5 @@
 """The errors scoremerge raises on purpose; each message names what is wrong."""
+import reprlib
 
 
 class MergeInputError(ValueError):
@@ -8,3 +9,20 @@ class MergeInputError(ValueError):
 
 class BackendUnavailableError(RuntimeError):
     """A backend the caller named explicitly cannot run here (no GPU, not built, no kernel)."""
+
+
+
+def _repr_limits():
+    r = reprlib.Repr()     # attributes, not arguments: Python 3.10 and 3.11 take none
+    r.maxlevel, r.maxstring, r.maxother, r.maxlong = 2, 80, 80, 40
+    r.maxtuple = r.maxlist = r.maxdict = r.maxset = 4
+    return r
+
+
+_SHOWN = _repr_limits()
+
+
+def shown(value):
+    """repr(value) cut to a line: messages quote what a user gave, never megabytes of it (and
+    never walk all of a huge nested value to print it)."""
+    return _SHOWN.repr(value)

@@ -7,10 +7,12 @@ read front to back. A reader thread fetches the next batch while the current one
 a writer thread puts each merged tensor straight at its place in its output shard (the shard's
 header is written first, from the plan), so memory holds a few batches, never a model or a shard.
 
-The output is built in a hidden folder beside `out` and renamed into place at the end. A
-completed shard is recorded there with its SHA-256; `resume=True` re-verifies the recorded
-shards and merges only the rest, with the same settings. Bad input found mid-way (NaN in a
-tensor) removes the partial output; an interruption leaves it for `resume`.
+The output is built in a hidden folder beside `out`, under the output lock (io.access), and
+renamed into place at the end. A completed shard is recorded there with its SHA-256;
+`resume=True` re-verifies the recorded shards and merges only the rest, with the same inputs
+(io.checkpoint's fingerprint) and settings. Bad input found mid-way (NaN in a tensor, a merged
+value that overflows the output dtype, an input rewritten or replaced while it was read)
+removes the partial output; an interruption leaves it for `resume`.
 """
 import functools
 import hashlib
@@ -19,19 +21,23 @@ import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from . import api
-from ._version import __version__
 from .distributed import World
 from .errors import MergeInputError
-from .io.lazy import LazyCheckpoint, read_header
+from .io.access import (check_output, check_own_partial, check_replaceable, is_weight_file,
+                        output_lock)
+from .io.atomic import replace_folder, write_file_atomically
+from .io.checkpoint import Checkpoint, layout_format
+from .io.safetensors_format import read_header
 from .io.shard_writer import ShardWriter
-from .io.write import INDEX_NAME, check_writable, parse_size, replace_folder, shard_names
-from .validate import check_models, check_same_keys, exclude_patterns
+from .io.write import copy_side_files, output_metadata, parse_size, plan_shards, write_index
+from .validate import check_device, check_models, check_same_keys, exclude_patterns
 
 PROGRESS_NAME = "scoremerge-progress-{rank}.json"        # one per rank: no shared writes
 PROGRESS_GLOB = "scoremerge-progress-*.json"
@@ -43,97 +49,151 @@ WORKSPACE_FACTOR = 8               # GPU bytes per input byte: f32 copies, SVD w
 def merge_checkpoints(base, experts, out, method="score", *, alpha=1.0, exclude=(),
                       backend="auto", device=None, dtype=None, max_gpu_memory=None,
                       max_shard_size="5GB", overwrite=False, resume=False, progress=True,
-                      metadata=None, side_files=(), **options):
+                      metadata=None, side_files=(), allow_nonfinite=False, **options):
     """Merge safetensors checkpoints (files or Hugging Face folders, sharded or not) into `out`,
     streaming: base + alpha * merged task vectors, as api.merge computes it, key batch by key
     batch. Returns a dict of what was done (seconds, bytes read, shards written and skipped).
     Under torchrun (WORLD_SIZE > 1) the ranks take the output shards in turn, each writing its
-    own, one GPU per rank; rank 0 writes the index and renames the folder.
+    own, one GPU per rank; rank 0 holds the output lock, writes the index, renames the folder.
 
     max_gpu_memory: GPU memory budget for a batch, with its workspace (bytes or "20GB"; default:
     half the free memory). On the CPU batches hold 256 MiB of inputs. max_shard_size: output
     shard size. resume: finish an interrupted merge of the same inputs and settings.
-    Methods must merge keys independently: TIES with scope="global" ranks entries over the whole
-    model and is refused here (use scope="tensor", or the in-memory api.merge).
+    side_files: paths, or (name, path) pairs from io.access.side_files, copied beside the
+    weights. Methods must merge keys independently: TIES with scope="global" ranks entries over
+    the whole model and is refused here (use scope="tensor", or the in-memory api.merge).
     """
     start = time.perf_counter()
     experts = list(experts)
-    if not experts:
-        raise MergeInputError("no experts given: merging needs at least one fine-tuned model")
-    spec, opts = api._method_and_options(method, options, len(experts))
+    spec, opts = api.checked_method(method, options, len(experts))
     if spec.name == "ties" and opts.get("scope") == "global":
         raise MergeInputError("ties with scope=global ranks entries over the whole model, which a "
                               "streaming merge never holds; use --option scope=tensor, or merge "
                               "in memory")
     exclude = exclude_patterns(exclude)
-    out = Path(out)
-    partial = out.parent / f".{out.name}.scoremerge-partial"
-    if not (resume and partial.is_dir()):
-        check_writable(out, overwrite)
+    alpha = api.checked_alpha(alpha)
     world = World()
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = check_device(device)
     if world.size > 1 and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", world.local_rank)      # one GPU per rank
-    models = [LazyCheckpoint(p) for p in (base, *experts)]
-    names = [f"base {base}"] + [f"expert {e}" for e in experts]
-    _check_layouts(models, names)
-    shards = _plan_shards(models[0], parse_size(max_shard_size))
-    batches = _plan_batches(models, shards, _batch_bytes(device, max_gpu_memory))
-    meta = {"format": "pt", "scoremerge_version": __version__, "method": spec.name,
-            "options": json.dumps(opts, sort_keys=True), "alpha": str(alpha),
-            "exclude": json.dumps(list(exclude)), "base": str(base),
-            "experts": json.dumps([str(e) for e in experts]), **(metadata or {})}
-    settings = _fingerprint(models, meta, backend, device, dtype, shards)
+    with ExitStack() as opened:
+        models = [opened.enter_context(_open_safetensors(p)) for p in (base, *experts)]
+        names = [f"base {base}"] + [f"expert {e}" for e in experts]
+        _check_layouts(models, names)
+        out = Path(out)
+        check_output(out, [base, *experts, *(f for m in models for f in m.files),
+                           *(item[1] if isinstance(item, tuple) else item for item in side_files)])
+        shards = plan_shards(((k, i.nbytes) for k, i in models[0].infos.items()),
+                             parse_size(max_shard_size))
+        batches = _plan_batches(models, shards, _batch_bytes(device, max_gpu_memory))
+        meta = output_metadata({
+            "method": spec.name, "options": json.dumps(opts, sort_keys=True), "alpha": alpha,
+            "exclude": json.dumps(list(exclude)), "base": base,
+            "experts": json.dumps([str(e) for e in experts]), **(metadata or {})})
+        plan = _Plan(out, models, names, shards, meta,
+                     _fingerprint(models, meta, backend, device, dtype, shards), world)
 
-    if world.rank == 0:
-        if not resume and partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True, exist_ok=True)
-    world.barrier()
-    done = _verified_shards(partial, settings) if resume else {}
-    _write_progress(partial, settings, done, world.rank)
+        def merge(tensors):
+            return _merge_batch(tensors, names, spec.name, alpha=alpha, exclude=exclude,
+                                backend=backend, device=device, dtype=dtype,
+                                allow_nonfinite=allow_nonfinite, **opts)
 
-    # Ranks take whole output shards in turn, so each writes only its own files.
-    mine = {name for i, name in enumerate(shards) if i % world.size == world.rank}
-    skipped = len(done)
-    todo = [b for b in batches if b.shard in mine and b.shard not in done]
+        with ExitStack() as locked:
+            _prepare(plan, locked, overwrite, resume)
+            skipped = _merge_my_shards(plan, batches, merge, device, progress, spec.name)
+            _finish_all(plan, side_files, overwrite)
+    return plan.stats | {"seconds": time.perf_counter() - start, "out": str(out),
+                         "shards_written": len(shards) - skipped, "shards_skipped": skipped,
+                         "rank": world.rank, "ranks": world.size}
+
+
+class _Plan:
+    """What every stage of one streaming merge reads: the output, the open inputs, the shard
+    plan, the metadata, the resume fingerprint, the ranks; and the statistics it gathers."""
+
+    def __init__(self, out, models, names, shards, meta, settings, world):
+        self.out, self.models, self.names, self.shards = out, models, names, shards
+        self.meta, self.settings, self.world = meta, settings, world
+        self.partial = out.parent / f".{out.name}.scoremerge-partial"
+        self.done = {}
+        self.stats = {"bytes_read": 0, "keys": 0, "read_s": 0.0, "compute_s": 0.0,
+                      "write_s": 0.0}
+
+
+def _prepare(plan, locked, overwrite, resume):
+    """Rank 0 takes the output lock (held until `locked` closes), checks the output, and makes
+    or reopens the build folder; then every rank learns the shards a resumed merge reuses.
+    A failure on rank 0 reaches every rank, so none waits for the others forever."""
+    error = None
+    if plan.world.rank == 0:
+        try:
+            locked.enter_context(output_lock(plan.out))
+            check_replaceable(plan.out, overwrite)
+            partial = plan.partial
+            if os.path.lexists(partial):
+                check_own_partial(partial)
+                if not resume:
+                    shutil.rmtree(partial)
+            partial.mkdir(parents=True, exist_ok=True)
+        except BaseException as e:
+            error = e
+    if plan.world.max(1 if error else 0):
+        raise error or MergeInputError("rank 0 could not start this merge; see its error")
+    plan.done = _verified_shards(plan.partial, plan.settings) if resume else {}
+    _write_progress(plan.partial, plan.settings, plan.done, plan.world.rank)
+
+
+def _merge_my_shards(plan, batches, merge, device, progress, method):
+    """Merge this rank's shards (ranks take whole output shards in turn, so each writes only
+    its own files), check that no input changed meanwhile, and agree with the other ranks on
+    how it went: bad input (2) removes the build folder; anything else (1) leaves the
+    completed shards for resume. Returns how many shards were reused."""
+    world, reused = plan.world, len(plan.done)
+    mine = {name for i, name in enumerate(plan.shards) if i % world.size == world.rank}
+    todo = [b for b in batches if b.shard in mine and b.shard not in plan.done]
     bar = tqdm(total=sum(b.nbytes for b in todo), unit="B", unit_scale=True,
-               desc=f"merge ({spec.name})", disable=not progress)
-    stats = {"bytes_read": 0, "keys": 0, "read_s": 0.0, "compute_s": 0.0, "write_s": 0.0}
+               desc=f"merge ({method})", disable=not progress)
     writers, error = {}, None
     try:
-        _run(todo, models, shards, writers, partial, meta, bar, stats, done, settings,
-             world.rank, lambda tensors: _merge_batch(tensors, names, spec.name, alpha=alpha,
-                                                      exclude=exclude, backend=backend,
-                                                      device=device, dtype=dtype, **opts),
-             device)
+        _run(todo, plan, writers, bar, merge, device)
+        for model in plan.models:
+            model.check_unchanged()
     except BaseException as e:
         for w in writers.values():
             w.abort()                          # completed shards stay, for resume
         error = e
     finally:
         bar.close()
-    # Every rank gets here, failed or not, and learns whether any failed, and how: bad input
-    # (2) leaves nothing behind; anything else (1) leaves the completed shards for resume.
     outcome = world.max(2 if isinstance(error, MergeInputError) else 1 if error else 0)
     if outcome == 2 and world.rank == 0:
-        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(plan.partial, ignore_errors=True)
     if outcome:
         world.barrier()
         raise error or MergeInputError("another rank of this merge failed; see its error")
-    finish_error = None
-    if world.rank == 0:
+    return reused
+
+
+def _finish_all(plan, side_files, overwrite):
+    """Rank 0 finishes the folder; its error reaches the other ranks at the barrier."""
+    error = None
+    if plan.world.rank == 0:
         try:
-            _finish(partial, out, shards, models[0], meta, side_files, overwrite)
-        except BaseException as e:          # the other ranks must not wait at the barrier
-            finish_error = e
-    world.barrier()
-    if finish_error is not None:
-        raise finish_error
-    stats |= {"seconds": time.perf_counter() - start, "shards_written": len(shards) - skipped,
-              "shards_skipped": skipped, "out": str(out), "rank": world.rank,
-              "ranks": world.size}
-    return stats
+            _finish(plan, side_files, overwrite)
+        except BaseException as e:
+            error = e
+    plan.world.barrier()
+    if error is not None:
+        raise error
+
+
+def _open_safetensors(path):
+    checkpoint = Checkpoint(path)
+    if checkpoint.format != "safetensors":
+        checkpoint.close()
+        raise MergeInputError(f"{path}: streaming reads safetensors checkpoints: expected a "
+                              ".safetensors file, model.safetensors or "
+                              "model.safetensors.index.json")
+    return checkpoint
 
 
 class _Batch:
@@ -155,19 +215,6 @@ def _check_layouts(models, names):
             if other.dtype.is_floating_point != info.dtype.is_floating_point:
                 raise MergeInputError(f"key {key!r} is {info.dtype} in {names[0]} and "
                                       f"{other.dtype} in {name}")
-
-
-def _plan_shards(base, limit):
-    """Output shards: the base's keys in its order, cut where a shard would pass `limit`."""
-    shards, size = [[]], 0
-    for key, info in base.infos.items():
-        if shards[-1] and size + info.nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(key)
-        size += info.nbytes
-    names = shard_names(len(shards))
-    return {name: keys for name, keys in zip(names, shards)}
 
 
 def _batch_bytes(device, max_gpu_memory):
@@ -200,11 +247,11 @@ def _plan_batches(models, shards, budget):
     return batches
 
 
-def _run(batches, models, shards, writers, partial, meta, bar, stats, done, settings, rank,
-         merge, device):
+def _run(batches, plan, writers, bar, merge, device):
     """The pipeline: read batch i+1 (and on a GPU copy it over) while batch i merges; write
     batch i while i+1 merges."""
-    remaining = {name: len(keys) for name, keys in shards.items() if name not in done}
+    models, stats = plan.models, plan.stats
+    remaining = {name: len(keys) for name, keys in plan.shards.items() if name not in plan.done}
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
         fetch = reader.submit(_read, batches[0], models, stats, device) if batches else None
         pending = None
@@ -221,10 +268,9 @@ def _run(batches, models, shards, writers, partial, meta, bar, stats, done, sett
                 pending.result()                          # at most one batch waits to be written
             if batch.shard not in writers:
                 layout = {k: (models[0].infos[k].dtype, models[0].infos[k].shape)
-                          for k in shards[batch.shard]}
-                writers[batch.shard] = ShardWriter(partial / batch.shard, layout, meta)
-            pending = writer.submit(_write, writers, batch, merged, remaining, partial, done,
-                                    settings, rank, stats)
+                          for k in plan.shards[batch.shard]}
+                writers[batch.shard] = ShardWriter(plan.partial / batch.shard, layout, plan.meta)
+            pending = writer.submit(_write, plan, writers, batch, merged, remaining)
             bar.update(batch.nbytes)
             stats["keys"] += len(batch.keys)
             bar.set_postfix(keys=stats["keys"])
@@ -273,7 +319,7 @@ def _copy_stream(device):
     return torch.cuda.Stream(device)
 
 
-def _write(writers, batch, merged, remaining, partial, done, settings, rank, stats):
+def _write(plan, writers, batch, merged, remaining):
     t0 = time.perf_counter()
     w = writers[batch.shard]
     for key in batch.keys:
@@ -282,18 +328,17 @@ def _write(writers, batch, merged, remaining, partial, done, settings, rank, sta
     if remaining[batch.shard] == 0:
         w.finish()
         del writers[batch.shard]
-        done[batch.shard] = _sha256(partial / batch.shard)
-        _write_progress(partial, settings, done, rank)
-    stats["write_s"] += time.perf_counter() - t0
+        plan.done[batch.shard] = _sha256(plan.partial / batch.shard)
+        _write_progress(plan.partial, plan.settings, plan.done, plan.world.rank)
+    plan.stats["write_s"] += time.perf_counter() - t0
 
 
 def _fingerprint(models, meta, backend, device, dtype, shards):
-    """What must match for `resume` to reuse shards: inputs (path, size, mtime), settings, plan."""
-    inputs = [[str(p), st.st_size, st.st_mtime_ns]
-              for m in models for p in m.shards for st in [os.stat(p)]]
-    blob = json.dumps({"inputs": inputs, "meta": meta, "backend": backend,
-                       "device": device.type, "dtype": str(dtype),
-                       "plan": {n: k for n, k in shards.items()}}, sort_keys=True)
+    """What must match for `resume` to reuse shards: the inputs (io.checkpoint's fingerprint),
+    the settings, the plan."""
+    blob = json.dumps({"inputs": [m.fingerprint() for m in models], "meta": meta,
+                       "backend": backend, "device": device.type, "dtype": str(dtype),
+                       "plan": shards}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -304,21 +349,22 @@ def _verified_shards(partial, settings):
     for path in sorted(partial.glob(PROGRESS_GLOB)):
         try:
             progress = json.loads(path.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             continue
-        if progress.get("settings") != settings:
+        if not isinstance(progress, dict) or progress.get("settings") != settings:
             raise MergeInputError(f"{partial}: an interrupted merge with other inputs or "
                                   "settings; rerun without --resume to start over")
-        recorded |= progress.get("done", {})
+        done = progress.get("done")
+        if isinstance(done, dict):
+            recorded |= {k: v for k, v in done.items() if isinstance(v, str)}
     return {name: digest for name, digest in recorded.items()
-            if (partial / name).is_file() and _sha256(partial / name) == digest}
+            if is_weight_file(name) and (partial / name).is_file()
+            and _sha256(partial / name) == digest}
 
 
 def _write_progress(partial, settings, done, rank):
-    path = partial / PROGRESS_NAME.format(rank=rank)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"settings": settings, "done": done}, indent=1))
-    os.replace(tmp, path)
+    write_file_atomically(partial / PROGRESS_NAME.format(rank=rank), lambda p: Path(p).write_text(
+        json.dumps({"settings": settings, "done": done}, indent=1)))
 
 
 def _sha256(path):
@@ -329,35 +375,26 @@ def _sha256(path):
     return h.hexdigest()
 
 
-def _finish(partial, out, shards, base, meta, side_files, replace):
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(i.nbytes for i in base.infos.values()), **meta},
-                 "weight_map": {k: name for name, keys in shards.items() for k in keys}}
-        (partial / INDEX_NAME).write_text(json.dumps(index, indent=2))
-    for f in side_files:
-        shutil.copy2(f, partial / Path(f).name)
+def _finish(plan, side_files, overwrite):
+    partial, shards = plan.partial, plan.shards
+    write_index(partial, shards, sum(i.nbytes for i in plan.models[0].infos.values()), plan.meta)
+    copy_side_files(partial, side_files)
     for name in shards:                   # a last look: every shard is there and readable
-        read_header(partial / name)
+        with open(partial / name, "rb") as f:
+            read_header(f, os.fstat(f.fileno()).st_size, partial / name)
     for path in partial.glob(PROGRESS_GLOB):
         path.unlink()
-    if out.exists() and not replace and any(out.iterdir()):
-        raise MergeInputError(f"{out}: appeared while merging; the result is in {partial}")
-    replace_folder(partial, out)
+    check_replaceable(plan.out, overwrite)        # in case it appeared while merging
+    replace_folder(partial, plan.out)
 
 
 def streaming_refusal(settings):
     """Why `scoremerge merge` with these settings (config.MergeSettings) cannot stream, or None:
     every input must be a safetensors checkpoint, and the method must merge keys one by one."""
     for path in (settings.base, *settings.experts):
-        if not _is_safetensors(Path(path)):
+        if layout_format(path) != "safetensors":
             return f"{path} is not a safetensors checkpoint (a .safetensors file, or a folder " \
                    "with model.safetensors or model.safetensors.index.json)"
     if settings.method == "ties" and settings.option.get("scope") == "global":
         return "ties with scope=global ranks entries over the whole model"
     return None
-
-
-def _is_safetensors(path):
-    if path.is_file():
-        return path.suffix == ".safetensors"
-    return (path / "model.safetensors").is_file() or (path / INDEX_NAME).is_file()

@@ -4,7 +4,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .errors import MergeInputError
+from .errors import MergeInputError, shown
 
 _LIST_AT_MOST = 10
 
@@ -68,5 +68,29 @@ def exclude_patterns(exclude):
         try:
             re.compile(p)
         except (re.error, TypeError) as e:
-            raise MergeInputError(f"exclude pattern {p!r} is not a regular expression: {e}") from None
+            raise MergeInputError(f"exclude pattern {shown(p)} is not a regular expression: "
+                                  f"{e}") from None
     return patterns
+
+
+def check_device(device):
+    """torch.device(device) (the CPU for None) when scoremerge can compute there: the CPU, or a
+    CUDA device that exists; anything else raises before any work."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise MergeInputError(f"device {shown(device)} is not a device; use cpu, cuda or "
+                              "cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise MergeInputError(f"device {shown(str(device))}: scoremerge computes on cpu or cuda, "
+                              f"not {dev.type}")
+    if not torch.cuda.is_available():
+        raise MergeInputError(f"device {shown(str(device))}: no CUDA device is available here")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise MergeInputError(f"device {shown(str(device))}: this machine has "
+                              f"{torch.cuda.device_count()} CUDA device(s)")
+    return dev

@@ -1,4 +1,5 @@
-"""Checkpoints: read state dicts from files and HF-style folders; write safetensors atomically."""
+"""Checkpoints: what may be read and written (access), the safetensors format, checkpoints opened
+for reading, and writers."""
 from .read import load_state_dict
 from .write import check_writable, parse_size, save_state_dict
 

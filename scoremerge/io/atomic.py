@@ -4,6 +4,7 @@ tempfile creates files 0600 and folders 0700 (private to the writer); what we re
 gets the permissions an ordinary open() or mkdir() would have given it under the current umask.
 """
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -51,3 +52,20 @@ def write_file_atomically(path, write):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def replace_folder(tmp, out_dir):
+    """Rename tmp to out_dir; an existing out_dir is moved aside first, removed after."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    os.replace(out_dir, aside / "old")
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        os.replace(aside / "old", out_dir)
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)

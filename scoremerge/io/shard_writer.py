@@ -8,9 +8,7 @@ from pathlib import Path
 import torch
 
 from .atomic import give_plain_file_mode
-from .lazy import DTYPES
-
-_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+from .safetensors_format import DTYPE_NAMES
 
 
 class ShardWriter:
@@ -25,17 +23,19 @@ class ShardWriter:
         self.spans = {}
         for key, (dtype, shape) in layout.items():
             nbytes = torch.Size(shape).numel() * dtype.itemsize
-            header[key] = {"dtype": _NAMES[dtype], "shape": list(shape),
+            header[key] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
                            "data_offsets": [offset, offset + nbytes]}
             self.spans[key] = (offset, nbytes, dtype, tuple(shape))
             offset += nbytes
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}   # io.write sorts it
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)                 # the format aligns the data to 8 bytes
         self.data_start = 8 + len(blob)
         self.size = self.data_start + offset
         self.missing = set(layout)
-        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        # never through a link planted in a build folder left behind by an earlier run
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                          | os.O_CLOEXEC, 0o644)
         try:
             os.ftruncate(self.fd, self.size)
             _write_all(self.fd, len(blob).to_bytes(8, "little") + blob, 0)

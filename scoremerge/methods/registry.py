@@ -6,9 +6,10 @@ defaults, and that the reference function (scoremerge.ref) takes the same option
 """
 import difflib
 import inspect
+import math
 from dataclasses import dataclass, field
 
-from ..errors import MergeInputError
+from ..errors import MergeInputError, shown
 
 _REGISTRY = {}
 
@@ -32,16 +33,19 @@ class Option:
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                     raise ValueError(value)
                 value = value.lower() in ("true", "1", "yes")
-            elif kind is bool and not isinstance(value, bool):
+            elif (kind is bool) != isinstance(value, bool):    # `density: true` is a mistake
                 raise ValueError(value)
             else:
                 value = kind(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise MergeInputError(f"option {self.name!r} of method {method!r} takes a "
-                                  f"{kind.__name__}, got {value!r}") from None
+                                  f"{kind.__name__}, got {shown(value)}") from None
+        if kind is float and not math.isfinite(value):
+            raise MergeInputError(f"option {self.name!r} of method {method!r} must be a finite "
+                                  f"number, got {value}")
         if self.choices and value not in self.choices:
             raise MergeInputError(f"option {self.name!r} of method {method!r} must be one of "
-                                  f"{', '.join(map(repr, self.choices))}; got {value!r}")
+                                  f"{', '.join(map(repr, self.choices))}; got {shown(value)}")
         too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
         too_high = self.high is not None and value > self.high
         if too_low or too_high:
@@ -73,10 +77,10 @@ class MergeMethod:
         known = {o.name: o for o in self.options}
         for name in options:
             if name not in known:
-                hint = difflib.get_close_matches(name, known, n=1)
+                hint = difflib.get_close_matches(str(name)[:100], known, n=1)
                 hint = f"; did you mean {hint[0]!r}?" if hint else ""
                 choices = ", ".join(known) if known else "none"
-                raise MergeInputError(f"unknown option {name!r} for method {self.name!r} "
+                raise MergeInputError(f"unknown option {shown(name)} for method {self.name!r} "
                                       f"(its options: {choices}){hint}")
         return {n: (o.parse(options[n], self.name) if n in options else o.default)
                 for n, o in known.items()}
@@ -110,9 +114,10 @@ def merge_method(name, *, kind, summary, paper, reference, options=(), min_tasks
 def get(name):
     """The method called `name`; an unknown name raises with the closest registered one."""
     if name not in _REGISTRY:
-        hint = difflib.get_close_matches(str(name), _REGISTRY, n=1)
+        hint = difflib.get_close_matches(str(name)[:100], _REGISTRY, n=1)
         hint = f"; did you mean {hint[0]!r}?" if hint else ""
-        raise MergeInputError(f"unknown method {name!r} (known: {', '.join(_REGISTRY)}){hint}")
+        raise MergeInputError(f"unknown method {shown(name)} (known: {', '.join(_REGISTRY)})"
+                              f"{hint}")
     return _REGISTRY[name]
 
 
