@@ -9,8 +9,9 @@ from .backend import requested
 from .errors import MergeInputError, shown
 from .kernels.torch.cores import parallel_map
 from .methods import all_methods, get
+from .methods.entrywise import merge_key
 from .methods.routing import excluded, routes_to_matrix, shape_groups
-from .validate import check_device, check_models, exclude_patterns
+from .validate import all_finite, check_device, check_models, exclude_patterns, overflow_error
 
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -64,9 +65,25 @@ def merge(base, experts, method="score", *, alpha=1.0, exclude=(), backend="auto
     _require_experts(experts)                 # before the method, so the message says what is missing
     spec, opts = checked_method(method, options, len(experts))
     _check_base_and_experts(base, experts)
-    alpha = checked_alpha(alpha)
-    taus = _merge(_task_vectors(base, experts), spec, opts, exclude_patterns(exclude), backend,
-                  device, dtype, progress)
+    return merge_checked(base, experts, spec, opts, alpha=checked_alpha(alpha),
+                         exclude=exclude_patterns(exclude), backend=backend, device=device,
+                         dtype=dtype, progress=progress, allow_nonfinite=allow_nonfinite)
+
+
+def merge_checked(base, experts, spec, opts, *, alpha, exclude, backend="auto", device=None,
+                  dtype=None, progress=False, allow_nonfinite=False, names=None):
+    """merge() for callers that have checked everything merge() checks (the CLI, each batch of
+    a streaming merge): spec and opts from checked_method, alpha from checked_alpha, exclude
+    from exclude_patterns, the models' keys, shapes and integer keys by check_models. For an
+    entrywise method the models' values need no check of their own (methods.entrywise says
+    why); otherwise they must have passed check_models' NaN/Inf scan. names: the base's and
+    each expert's, for messages."""
+    names = names or ["the base"] + [f"expert {i}" for i in range(len(experts))]
+    if spec.entrywise and backend != "reference":
+        return _merge_entrywise(base, experts, spec, opts, alpha, exclude, device, dtype,
+                                allow_nonfinite, names, progress)
+    taus = _merge(_task_vectors(base, experts), spec, opts, exclude, backend, device, dtype,
+                  progress)
     out = {}
     for key, b in base.items():
         if key in taus:
@@ -75,6 +92,32 @@ def merge(base, experts, method="score", *, alpha=1.0, exclude=(), backend="auto
         else:
             out[key] = b.clone()
     return out if allow_nonfinite else _finite(out, "merged model")
+
+
+def _merge_entrywise(base, experts, spec, opts, alpha, exclude, device, dtype, allow_nonfinite,
+                     names, progress):
+    """merge_checked for an entrywise method: key by key, in chunks (methods.entrywise)."""
+    floating = [b for b in base.values() if b.is_floating_point()]
+    cdtype = _compute_dtype(dtype, any(x.dtype == torch.float64 for m in (base, *experts)
+                                       for x in m.values()))
+    home = floating[0].device if floating else torch.device("cpu")
+    device = check_device(device) if device is not None else home
+    out = {}
+    for key, b in tqdm(base.items(), total=len(base), desc=f"merge ({spec.name})", unit="key",
+                       disable=not progress):
+        if not b.is_floating_point():
+            out[key] = b.clone()
+            continue
+        fn = _mean_rows if excluded(key, exclude) else \
+            (lambda x, key=key: spec.fn({key: x}, **opts)[key])
+        out[key] = merge_key(key, b, [e[key] for e in experts], fn, alpha=alpha,
+                             compute_dtype=cdtype, device=device, names=names,
+                             allow_nonfinite=allow_nonfinite)
+    return out
+
+
+def _mean_rows(x):
+    return x.mean(dim=0)
 
 
 def checked_alpha(alpha):
@@ -92,13 +135,8 @@ def _finite(tensors, what):
     """The tensors, once every floating one is finite: inputs were checked, so Inf here is an
     update that overflowed the output dtype (or a method's own failure), never written silently."""
     for key, x in tensors.items():
-        if x.is_floating_point() and not torch.isfinite(x).all():
-            bad = "NaN" if torch.isnan(x).any() else "Inf"
-            raise MergeInputError(
-                f"key {shown(key)} of the {what} holds {bad} in {str(x.dtype).removeprefix('torch.')}"
-                f" (largest finite value {torch.finfo(x.dtype).max:.4g}): the merged update "
-                "overflows it; lower alpha, or pass allow_nonfinite=True (--allow-nonfinite) to "
-                "write it anyway")
+        if x.is_floating_point() and not all_finite(x):
+            raise overflow_error(key, x, what)
     return tensors
 
 
@@ -133,9 +171,9 @@ def checked_method(method, options, n_tasks):
     return spec, opts
 
 
-def _compute_dtype(dtype, tvs):
+def _compute_dtype(dtype, wide):
+    """float32 unless asked otherwise, or float64 when any input is (`wide`)."""
     if dtype is None:
-        wide = any(x.dtype == torch.float64 for tv in tvs for x in tv.values())
         return torch.float64 if wide else torch.float32
     resolved = COMPUTE_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if resolved not in COMPUTE_DTYPES.values():
@@ -145,7 +183,7 @@ def _compute_dtype(dtype, tvs):
 
 def _merge(tvs, spec, opts, exclude, backend, device, dtype, progress):
     """Merge validated task vectors: matrix groups batched by shape, the rest per the method."""
-    cdtype = _compute_dtype(dtype, tvs)
+    cdtype = _compute_dtype(dtype, any(x.dtype == torch.float64 for tv in tvs for x in tv.values()))
     first = tvs[0]
     home = next(iter(first.values())).device if first else torch.device("cpu")
     device = check_device(device) if device is not None else home

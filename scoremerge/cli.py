@@ -23,7 +23,7 @@ from .io.access import check_output, output_lock, side_files
 from .io.checkpoint import WEIGHT_FILES, Checkpoint
 from .io.write import check_writable, write_folder
 from .streaming import merge_checkpoints, streaming_refusal
-from .validate import check_models
+from .validate import check_models, exclude_patterns
 
 class _Terminated(KeyboardInterrupt):
     """SIGTERM, raised where SIGINT raises KeyboardInterrupt, so the same cleanup runs."""
@@ -95,6 +95,10 @@ def _parser():
     m.add_argument("--max-gpu-memory", metavar="SIZE",
                    help="GPU memory for one streamed batch with its workspace (default: half "
                         "of what is free)")
+    m.add_argument("--max-memory", metavar="SIZE",
+                   help="CPU memory for the streamed batches (default: a quarter of the "
+                        "machine's); mean, task_arithmetic and magmax keep to it whatever the "
+                        "key sizes")
     m.add_argument("--stream", action="store_true",
                    help="require the streaming merge (used anyway whenever every input is a "
                         "safetensors checkpoint and the method merges keys independently)")
@@ -142,9 +146,10 @@ def _merge(args):
     if why_not is None:
         args.resumable = True          # an interruption from here on keeps completed shards
         return _merge_streaming(settings)
-    if settings.stream or settings.resume or settings.max_gpu_memory is not None:
+    if settings.stream or settings.resume or settings.max_gpu_memory is not None \
+            or settings.max_memory is not None:
         flag = "--stream" if settings.stream else "--resume" if settings.resume \
-            else "--max-gpu-memory"
+            else "--max-gpu-memory" if settings.max_gpu_memory is not None else "--max-memory"
         raise MergeInputError(f"{flag} needs the streaming merge, which cannot run: {why_not}")
     return _merge_in_memory(settings)
 
@@ -155,7 +160,8 @@ def _merge_streaming(args):
     stats = merge_checkpoints(
         args.base, args.experts, args.out, args.method, alpha=args.alpha, exclude=args.exclude,
         backend=args.backend, device=args.device, dtype=args.dtype,
-        max_gpu_memory=args.max_gpu_memory, max_shard_size=args.max_shard_size,
+        max_gpu_memory=args.max_gpu_memory, max_memory=args.max_memory,
+        max_shard_size=args.max_shard_size,
         overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress,
         metadata={"backend": args.backend}, side_files=copied,
         allow_nonfinite=args.allow_nonfinite, **args.option)
@@ -185,12 +191,14 @@ def _merge_in_memory(args):
                 models.append(checkpoint.load())
                 checkpoint.check_unchanged()
                 checkpoint.close()
-            check_models(models, names)
+            spec, opts = api.checked_method(args.method, args.option, len(args.experts))
+            check_models(models, names, values=not spec.entrywise)
             start = time.perf_counter()
-            merged = api.merge(models[0], models[1:], args.method, alpha=args.alpha,
-                               exclude=args.exclude, backend=args.backend, device=args.device,
-                               dtype=args.dtype, progress=not args.no_progress,
-                               allow_nonfinite=args.allow_nonfinite, **args.option)
+            merged = api.merge_checked(
+                models[0], models[1:], spec, opts, alpha=args.alpha,
+                exclude=exclude_patterns(args.exclude), backend=args.backend, device=args.device,
+                dtype=args.dtype, progress=not args.no_progress,
+                allow_nonfinite=args.allow_nonfinite, names=names)
             seconds = time.perf_counter() - start
             metadata = {"method": args.method, "options": json.dumps(args.option, sort_keys=True),
                         "alpha": args.alpha, "exclude": json.dumps(list(args.exclude)),
@@ -210,8 +218,8 @@ def _side_files(base):
     """The base folder's configs and tokenizers to copy; each one refused by io.access is named
     on stderr, so a missing tokenizer in the output is never a surprise."""
     files, skipped = side_files(base, WEIGHT_FILES)
-    for name, why in skipped.items():
-        print(f"scoremerge: not copied: {name}: {why}", file=sys.stderr)
+    for why in skipped.values():
+        print(f"scoremerge: not copied: {why}", file=sys.stderr)
     return files
 
 

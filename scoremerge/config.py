@@ -42,6 +42,7 @@ FILE_KEYS = {
     "base": "base", "experts": "experts", "method": "method", "alpha": "alpha",
     "exclude": "exclude", "option": "options", "device": "device", "dtype": "dtype",
     "backend": "backend", "max_shard_size": "max_shard_size", "max_gpu_memory": "max_gpu_memory",
+    "max_memory": "max_memory",
     "overwrite": "overwrite", "no_progress": "no_progress", "resume": "resume",
     "stream": "stream", "allow_nonfinite": "allow_nonfinite", "out": "out",
 }
@@ -69,6 +70,7 @@ class MergeSettings:
     backend: str = "auto"
     max_shard_size: object = DEFAULT_MAX_SHARD_SIZE    # a size string or a byte count
     max_gpu_memory: object = None
+    max_memory: object = None
     overwrite: bool = False
     no_progress: bool = False
     resume: bool = False
@@ -325,6 +327,7 @@ _CHECKS = {
     "exclude": _patterns, "option": _mapping, "device": _or_none(_device),
     "dtype": _or_none(_choice(sorted(COMPUTE_DTYPES))),
     "backend": _choice(BACKENDS + ("reference",)),
-    "max_shard_size": _size, "max_gpu_memory": _or_none(_size), "overwrite": _flag,
+    "max_shard_size": _size, "max_gpu_memory": _or_none(_size),
+    "max_memory": _or_none(_size), "overwrite": _flag,
     "no_progress": _flag, "resume": _flag, "stream": _flag, "allow_nonfinite": _flag,
 }

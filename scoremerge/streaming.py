@@ -41,15 +41,19 @@ from .validate import check_device, check_models, check_same_keys, exclude_patte
 
 PROGRESS_NAME = "scoremerge-progress-{rank}.json"        # one per rank: no shared writes
 PROGRESS_GLOB = "scoremerge-progress-*.json"
-CPU_BATCH_BYTES = 256 * 2**20      # input bytes per batch on the CPU (all models together)
+CPU_BATCH_BYTES = 256 * 2**20      # input bytes per batch on the CPU at most (all models together)
+CPU_MEMORY_FRACTION = 0.25         # of the machine's memory, when --max-memory is not given
+CPU_MEMORY_FACTOR = 4              # bytes per input byte: the batch read ahead, the batch merged
+                                   # with its float32 task vectors and output, the one written
 GPU_BUDGET_FRACTION = 0.5          # of free GPU memory, when --max-gpu-memory is not given
 WORKSPACE_FACTOR = 8               # GPU bytes per input byte: f32 copies, SVD workspaces, outputs
 
 
 def merge_checkpoints(base, experts, out, method="score", *, alpha=1.0, exclude=(),
                       backend="auto", device=None, dtype=None, max_gpu_memory=None,
-                      max_shard_size="5GB", overwrite=False, resume=False, progress=True,
-                      metadata=None, side_files=(), allow_nonfinite=False, **options):
+                      max_memory=None, max_shard_size="5GB", overwrite=False, resume=False,
+                      progress=True, metadata=None, side_files=(), allow_nonfinite=False,
+                      **options):
     """Merge safetensors checkpoints (files or Hugging Face folders, sharded or not) into `out`,
     streaming: base + alpha * merged task vectors, as api.merge computes it, key batch by key
     batch. Returns a dict of what was done (seconds, bytes read, shards written and skipped).
@@ -57,8 +61,11 @@ def merge_checkpoints(base, experts, out, method="score", *, alpha=1.0, exclude=
     own, one GPU per rank; rank 0 holds the output lock, writes the index, renames the folder.
 
     max_gpu_memory: GPU memory budget for a batch, with its workspace (bytes or "20GB"; default:
-    half the free memory). On the CPU batches hold 256 MiB of inputs. max_shard_size: output
-    shard size. resume: finish an interrupted merge of the same inputs and settings.
+    half the free memory). max_memory: the same on the CPU (default: a quarter of the machine's
+    memory; batches hold at most 256 MiB of inputs). An entrywise method (mean, task arithmetic,
+    MagMax) splits a key larger than a batch into spans of its entries, so the budget holds
+    whatever the key sizes; other methods need a key whole, and a key larger than the budget is
+    a batch of its own. max_shard_size: output shard size. resume: finish an interrupted merge of the same inputs and settings.
     side_files: paths, or (name, path) pairs from io.access.side_files, copied beside the
     weights. Methods must merge keys independently: TIES with scope="global" ranks entries over
     the whole model and is refused here (use scope="tensor", or the in-memory api.merge).
@@ -85,7 +92,8 @@ def merge_checkpoints(base, experts, out, method="score", *, alpha=1.0, exclude=
                            *(item[1] if isinstance(item, tuple) else item for item in side_files)])
         shards = plan_shards(((k, i.nbytes) for k, i in models[0].infos.items()),
                              parse_size(max_shard_size))
-        batches = _plan_batches(models, shards, _batch_bytes(device, max_gpu_memory))
+        batches = _plan_batches(models, shards, _batch_bytes(device, max_gpu_memory, max_memory),
+                                split=spec.entrywise)
         meta = output_metadata({
             "method": spec.name, "options": json.dumps(opts, sort_keys=True), "alpha": alpha,
             "exclude": json.dumps(list(exclude)), "base": base,
@@ -94,9 +102,10 @@ def merge_checkpoints(base, experts, out, method="score", *, alpha=1.0, exclude=
                      _fingerprint(models, meta, backend, device, dtype, shards), world)
 
         def merge(tensors):
-            return _merge_batch(tensors, names, spec.name, alpha=alpha, exclude=exclude,
-                                backend=backend, device=device, dtype=dtype,
-                                allow_nonfinite=allow_nonfinite, **opts)
+            check_models(tensors, names, values=not spec.entrywise)
+            return api.merge_checked(tensors[0], tensors[1:], spec, opts, alpha=alpha,
+                                     exclude=exclude, backend=backend, device=device,
+                                     dtype=dtype, allow_nonfinite=allow_nonfinite, names=names)
 
         with ExitStack() as locked:
             _prepare(plan, locked, overwrite, resume)
@@ -197,10 +206,11 @@ def _open_safetensors(path):
 
 
 class _Batch:
-    """Same-shape keys of one output shard, read and merged together."""
+    """Same-shape keys of one output shard, read and merged together; or, with span (start,
+    stop), the entries [start, stop) of a single key too large for one batch."""
 
-    def __init__(self, shard, keys, nbytes):
-        self.shard, self.keys, self.nbytes = shard, keys, nbytes
+    def __init__(self, shard, keys, nbytes, span=None):
+        self.shard, self.keys, self.nbytes, self.span = shard, keys, nbytes, span
 
 
 def _check_layouts(models, names):
@@ -217,18 +227,23 @@ def _check_layouts(models, names):
                                       f"{other.dtype} in {name}")
 
 
-def _batch_bytes(device, max_gpu_memory):
+def _batch_bytes(device, max_gpu_memory, max_memory):
+    """Input bytes (all models together) per batch, from the memory budget."""
     if device.type != "cuda":
-        return CPU_BATCH_BYTES
+        if max_memory is None:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            return min(CPU_BATCH_BYTES, int(total * CPU_MEMORY_FRACTION) // CPU_MEMORY_FACTOR)
+        return max(1, min(CPU_BATCH_BYTES, parse_size(max_memory) // CPU_MEMORY_FACTOR))
     if max_gpu_memory is not None:
         return max(1, parse_size(max_gpu_memory) // WORKSPACE_FACTOR)
     free, _ = torch.cuda.mem_get_info(device)
     return max(1, int(free * GPU_BUDGET_FRACTION) // WORKSPACE_FACTOR)
 
 
-def _plan_batches(models, shards, budget):
-    """Within each output shard, same-shape keys together up to `budget` input bytes (a single
-    key larger than the budget is a batch of its own)."""
+def _plan_batches(models, shards, budget, split):
+    """Within each output shard, same-shape keys together up to `budget` input bytes. A key
+    larger than the budget is cut into spans of its entries when `split` (the method is
+    entrywise), else it is a batch of its own."""
     batches = []
     for name, keys in shards.items():
         by_shape = {}
@@ -238,20 +253,34 @@ def _plan_batches(models, shards, budget):
             current, size = [], 0
             for key in group:
                 nbytes = sum(m.infos[key].nbytes for m in models)
+                if split and nbytes > budget:
+                    batches += _spans(name, key, models, budget)
+                    continue
                 if current and size + nbytes > budget:
                     batches.append(_Batch(name, current, size))
                     current, size = [], 0
                 current.append(key)
                 size += nbytes
-            batches.append(_Batch(name, current, size))
+            if current:
+                batches.append(_Batch(name, current, size))
     return batches
+
+
+def _spans(shard, key, models, budget):
+    per_entry = sum(m.infos[key].dtype.itemsize for m in models)
+    n = models[0].infos[key].nbytes // models[0].infos[key].dtype.itemsize
+    step = max(1, budget // per_entry)
+    return [_Batch(shard, [key], (min(n, start + step) - start) * per_entry,
+                   span=(start, min(n, start + step))) for start in range(0, n, step)]
 
 
 def _run(batches, plan, writers, bar, merge, device):
     """The pipeline: read batch i+1 (and on a GPU copy it over) while batch i merges; write
     batch i while i+1 merges."""
     models, stats = plan.models, plan.stats
-    remaining = {name: len(keys) for name, keys in plan.shards.items() if name not in plan.done}
+    remaining = {}                          # batches of each shard not yet written
+    for batch in batches:
+        remaining[batch.shard] = remaining.get(batch.shard, 0) + 1
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
         fetch = reader.submit(_read, batches[0], models, stats, device) if batches else None
         pending = None
@@ -272,16 +301,10 @@ def _run(batches, plan, writers, bar, merge, device):
                 writers[batch.shard] = ShardWriter(plan.partial / batch.shard, layout, plan.meta)
             pending = writer.submit(_write, plan, writers, batch, merged, remaining)
             bar.update(batch.nbytes)
-            stats["keys"] += len(batch.keys)
+            stats["keys"] += len(batch.keys) if not batch.span or not batch.span[0] else 0
             bar.set_postfix(keys=stats["keys"])
         if pending is not None:
             pending.result()
-
-
-def _merge_batch(tensors, names, method, **kw):
-    """api.merge of one batch; its checks name the checkpoints (NaN in which key of which)."""
-    check_models(tensors, names)
-    return api.merge(tensors[0], tensors[1:], method, **kw)
 
 
 def _read(batch, models, stats, device):
@@ -289,7 +312,8 @@ def _read(batch, models, stats, device):
     read into memory, then copied from pinned (page-locked) memory on a side stream, so the
     copy runs while the previous batch computes."""
     t0 = time.perf_counter()
-    out = [{key: m.read(key) for key in batch.keys} for m in models]
+    span = batch.span or (None, None)
+    out = [{key: m.read(key, *span) for key in batch.keys} for m in models]
     event = None
     if device.type == "cuda":
         with torch.cuda.stream(_copy_stream(device)):
@@ -323,8 +347,8 @@ def _write(plan, writers, batch, merged, remaining):
     t0 = time.perf_counter()
     w = writers[batch.shard]
     for key in batch.keys:
-        w.put(key, merged[key])
-    remaining[batch.shard] -= len(batch.keys)
+        w.put(key, merged[key], start=batch.span[0] if batch.span else None)
+    remaining[batch.shard] -= 1
     if remaining[batch.shard] == 0:
         w.finish()
         del writers[batch.shard]

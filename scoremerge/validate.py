@@ -15,11 +15,12 @@ def _listing(keys):
     return shown + (f" and {len(keys) - _LIST_AT_MOST} more" if len(keys) > _LIST_AT_MOST else "")
 
 
-def check_models(models, names, *, floating_only=False):
+def check_models(models, names, *, floating_only=False, values=True):
     """Same keys, same shapes, tensors only, no NaN or Inf in floating-point tensors.
 
     models: sequence of mappings key -> Tensor; names: how each model is called in messages.
-    floating_only: every tensor must be floating point (task vectors).
+    floating_only: every tensor must be floating point (task vectors). values=False skips the
+    NaN/Inf scan, for a caller whose merge checks its outputs instead (methods.entrywise).
     """
     for model, name in zip(models, names):
         if not isinstance(model, Mapping):
@@ -36,7 +37,7 @@ def check_models(models, names, *, floating_only=False):
                 raise MergeInputError(f"shape mismatch at key {key!r}: {first_name} has "
                                       f"{tuple(first[key].shape)}, {name} has {tuple(x.shape)}")
             if x.is_floating_point():
-                if not torch.isfinite(x).all():
+                if values and not all_finite(x):
                     bad = "NaN" if torch.isnan(x).any() else "Inf"
                     raise MergeInputError(f"key {key!r} of {name} contains {bad}")
             elif floating_only:
@@ -47,6 +48,27 @@ def check_models(models, names, *, floating_only=False):
                 raise MergeInputError(f"non-float key {key!r} differs between {first_name} and "
                                       f"{name}; integer buffers are copied from the base, never "
                                       "merged, so they must agree")
+
+
+def all_finite(x):
+    """No NaN or Inf in the floating-point tensor x. One pass: the minimum and maximum are both
+    finite exactly when every entry is (NaN propagates through both), and aminmax runs about ten
+    times faster on the CPU than isfinite(x).all(), which writes a mask and reads it again."""
+    if x.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(x)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def overflow_error(key, value, what):
+    """The error for a merged `value` of key `key` that is not finite although its inputs are:
+    the update overflows the output dtype."""
+    bad = "NaN" if torch.isnan(value).any() else "Inf"
+    dtype = value.dtype
+    return MergeInputError(
+        f"key {shown(key)} of the {what} holds {bad} in {str(dtype).removeprefix('torch.')} "
+        f"(largest finite value {torch.finfo(dtype).max:.4g}): the merged update overflows it; "
+        "lower alpha, or pass allow_nonfinite=True (--allow-nonfinite) to write it anyway")
 
 
 def check_same_keys(models, names):

@@ -62,10 +62,10 @@ def interrupted_after(n_shards, monkeypatch, base, experts, out):
         real_finish(self)
         finished.append(self.path.name)
 
-    def put(self, key, tensor):
+    def put(self, key, tensor, start=None):
         if len(finished) == n_shards:
             raise KeyboardInterrupt
-        real_put(self, key, tensor)
+        real_put(self, key, tensor, start)
 
     monkeypatch.setattr(shard_writer.ShardWriter, "finish", finish)
     monkeypatch.setattr(shard_writer.ShardWriter, "put", put)
@@ -92,6 +92,29 @@ def test_streaming_equals_the_in_memory_merge(checkpoints, tmp_path, method, opt
     assert (out / "config.json").read_text() == '{"model_type": "toy"}'
     assert stats["shards_written"] > 1 and stats["shards_skipped"] == 0
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())      # no partial left
+
+
+@pytest.mark.parametrize("method, options", [("task_arithmetic", {}), ("magmax", {}),
+                                             ("mean", {}), ("ties", {"scope": "tensor"})])
+def test_a_tiny_memory_budget_splits_keys_and_changes_nothing(checkpoints, tmp_path, method,
+                                                               options, monkeypatch):
+    """With a budget below one key, entrywise methods merge spans of a key's entries (read and
+    written in place); a method that needs whole keys takes one key per batch. Same bits."""
+    from scoremerge import streaming
+    base, experts = checkpoints
+    planned = []
+    real_plan = streaming._plan_batches
+    monkeypatch.setattr(streaming, "_plan_batches",
+                        lambda *a, **k: planned.extend(real_plan(*a, **k)) or planned)
+    merge_checkpoints(base, experts, tmp_path / "out", method, max_memory="4KB",
+                      max_shard_size="10KB", progress=False, **options)
+    got, want = load_state_dict(tmp_path / "out"), in_memory(base, experts, method, **options)
+    assert list(got) == list(want)
+    assert all(torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype for k in want)
+    spans = [b for b in planned if b.span]
+    assert bool(spans) == (method != "ties")
+    assert all(b.nbytes <= 1024 for b in spans)
+    assert all(b.nbytes <= 1024 or len(b.keys) == 1 and not b.span for b in planned)
 
 
 def test_an_interrupted_merge_resumes_to_the_same_bytes(checkpoints, tmp_path, monkeypatch):

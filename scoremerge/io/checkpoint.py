@@ -68,17 +68,24 @@ class Checkpoint:
             return
         self.infos, self._file_of = _match_index(self.index, weight_map, self.files, headers)
 
-    def read(self, key):
-        """The tensor `key` (safetensors), read from disk into new memory."""
+    def read(self, key, start=None, stop=None):
+        """The tensor `key` (safetensors), read from disk into new memory; with start and stop,
+        only its entries [start, stop) in row-major order, as a 1-D tensor."""
         info = self.infos[key]
-        out = torch.empty(info.shape, dtype=info.dtype)
-        if info.nbytes:
+        if start is None:
+            out = torch.empty(info.shape, dtype=info.dtype)
+            offset = info.offset
+        else:
+            out = torch.empty(stop - start, dtype=info.dtype)
+            offset = info.offset + start * info.dtype.itemsize
+        nbytes = out.numel() * info.dtype.itemsize
+        if nbytes:
             view = memoryview(out.view(torch.uint8).reshape(-1).numpy())
-            got = os.preadv(self._fds[self._file_of[key]], [view], info.offset)
-            if got != info.nbytes:
+            got = os.preadv(self._fds[self._file_of[key]], [view], offset)
+            if got != nbytes:
                 raise MergeInputError(f"{self.files[self._file_of[key]]}: short read at byte "
-                                      f"{info.offset} ({got} of {info.nbytes}): was the file "
-                                      "truncated while merging?")
+                                      f"{offset} ({got} of {nbytes}): was the file truncated "
+                                      "while merging?")
         return out
 
     def load(self):
@@ -187,7 +194,7 @@ def _read_index(real, named, fmt):
 
 
 def _shard(folder, index, shard, weight_map):
-    real = member(folder, shard, "shard")
+    real = member(folder, shard, f"shard named by {index.name}")
     if not real.is_file():
         keys = [k for k, s in weight_map.items() if s == shard]
         raise MergeInputError(f"{index}: shard {shard!r} (holding {keys[0]!r} and "

@@ -32,7 +32,7 @@ class ShardWriter:
         blob += b" " * (-len(blob) % 8)                 # the format aligns the data to 8 bytes
         self.data_start = 8 + len(blob)
         self.size = self.data_start + offset
-        self.missing = set(layout)
+        self.left = {key: span[1] for key, span in self.spans.items()}    # bytes not yet put
         # never through a link planted in a build folder left behind by an earlier run
         self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
                           | os.O_CLOEXEC, 0o644)
@@ -43,19 +43,24 @@ class ShardWriter:
             self.abort()
             raise
 
-    def put(self, key, tensor):
+    def put(self, key, tensor, start=None):
+        """Write `tensor` as key's value; with start, as its entries from `start` on (a 1-D
+        tensor of some of them, in row-major order)."""
         offset, nbytes, dtype, shape = self.spans[key]
-        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+        if tensor.dtype != dtype or (tuple(tensor.shape) != shape if start is None
+                                     else tensor.dim() != 1
+                                     or (start + tensor.numel()) * dtype.itemsize > nbytes):
             raise ValueError(f"{key}: planned {dtype} {shape}, got {tensor.dtype} "
-                             f"{tuple(tensor.shape)}")
+                             f"{tuple(tensor.shape)} at entry {start or 0}")
         raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        _write_all(self.fd, memoryview(raw), self.data_start + offset)
-        self.missing.discard(key)
+        _write_all(self.fd, memoryview(raw), self.data_start + offset + (start or 0) * dtype.itemsize)
+        self.left[key] -= raw.nbytes
 
     def finish(self):
-        if self.missing:
-            raise RuntimeError(f"{self.path.name}: {len(self.missing)} key(s) never written, "
-                               f"e.g. {sorted(self.missing)[:3]}")
+        missing = [key for key, left in self.left.items() if left]
+        if missing:
+            raise RuntimeError(f"{self.path.name}: {len(missing)} key(s) not wholly written, "
+                               f"e.g. {sorted(missing)[:3]}")
         os.fsync(self.fd)
         os.close(self.fd)
         self.fd = None

@@ -8,21 +8,24 @@ from .. import ref
 from .registry import Option, merge_method
 
 
-@merge_method("mean", kind="elementwise", reference=ref.methods.mean,
+@merge_method("mean", kind="elementwise", entrywise=True,
+              reference=ref.methods.mean,
               paper="Wortsman et al., Model soups, ICML 2022",
               summary="uniform average of the task vectors (the mean of the experts)")
 def mean(taus):
     return {key: x.mean(dim=0) for key, x in taus.items()}
 
 
-@merge_method("task_arithmetic", kind="elementwise", reference=ref.methods.task_arithmetic,
+@merge_method("task_arithmetic", kind="elementwise", entrywise=True,
+              reference=ref.methods.task_arithmetic,
               paper="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023",
               summary="sum of the task vectors; alpha scales it")
 def task_arithmetic(taus):
     return {key: x.sum(dim=0) for key, x in taus.items()}
 
 
-@merge_method("magmax", kind="elementwise", reference=ref.methods.magmax,
+@merge_method("magmax", kind="elementwise", entrywise=True,
+              reference=ref.methods.magmax,
               paper="Marczak et al., MagMax: Leveraging Model Merging for Seamless Continual "
                     "Learning, ECCV 2024",
               summary="per entry, the task value of largest magnitude")

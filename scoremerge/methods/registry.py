@@ -58,7 +58,9 @@ class Option:
 @dataclass(frozen=True)
 class MergeMethod:
     """A registered method. kind: "matrix" (2-D keys batched by shape, others take the mean) or
-    "elementwise" (one rule for every key, all keys at once)."""
+    "elementwise" (one rule for every key, all keys at once). entrywise: an elementwise method
+    whose merged entry depends only on the same entry of the task vectors, so keys may be
+    merged alone and in chunks (methods.entrywise)."""
     name: str
     kind: str
     summary: str
@@ -67,6 +69,7 @@ class MergeMethod:
     reference: object = field(repr=False)
     options: tuple = ()
     min_tasks: int = 1
+    entrywise: bool = False
 
     @property
     def defaults(self):
@@ -92,10 +95,13 @@ def _keyword_defaults(fn):
             if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "backend"}
 
 
-def merge_method(name, *, kind, summary, paper, reference, options=(), min_tasks=1):
+def merge_method(name, *, kind, summary, paper, reference, options=(), min_tasks=1,
+                 entrywise=False):
     """Register the decorated function as method `name`."""
     if kind not in ("matrix", "elementwise"):
         raise ValueError(f"method {name!r}: kind must be 'matrix' or 'elementwise', got {kind!r}")
+    if entrywise and kind != "elementwise":
+        raise ValueError(f"method {name!r}: only an elementwise method can be entrywise")
 
     def register(fn):
         if name in _REGISTRY:
@@ -106,7 +112,7 @@ def merge_method(name, *, kind, summary, paper, reference, options=(), min_tasks
                 raise TypeError(f"method {name!r}: {impl.__module__}.{impl.__qualname__} takes "
                                 f"keyword options {_keyword_defaults(impl)}, declared {declared}")
         _REGISTRY[name] = MergeMethod(name, kind, summary, paper, fn, reference, tuple(options),
-                                      min_tasks)
+                                      min_tasks, entrywise)
         return fn
     return register
 

@@ -1,0 +1,84 @@
+"""Entry-wise merges, key by key in chunks: for a method whose merged entry depends only on the
+same entry of the task vectors (mean, task arithmetic, MagMax), the task vectors are formed,
+merged, added to the base and cast back a chunk at a time in a few reused buffers. A key then
+costs one read of its inputs and one write of its output, in memory of a few chunks, however
+large the key.
+
+No input needs a separate NaN/Inf pass either: a NaN or Inf in the base or an expert reaches
+the merged entry (a sum, a mean and the entry of largest magnitude all carry it, and so does
+base + alpha * that), so the one finite check of each output chunk covers the inputs; only when
+it fails are the inputs scanned, to name the model at fault.
+
+The arithmetic is api.merge's, step for step and in the same dtypes, so the result is the same
+to the bit as merging the whole key at once.
+"""
+import torch
+
+from ..errors import MergeInputError, shown
+from ..kernels.torch.cores import parallel_map
+from ..validate import all_finite, overflow_error
+
+CPU_CHUNK = 1 << 16           # entries: T + 3 fp32 buffers of 256 KiB stay in the L2 cache
+
+
+def merge_key(key, base, experts, merge_fn, *, alpha, compute_dtype, device, names,
+              allow_nonfinite=False):
+    """base + alpha * merge_fn(stacked task vectors [T, L]) for one key, in base's dtype and
+    on base's device. merge_fn maps [T, L] to [L] entry-wise. names: base's and each expert's,
+    for messages. allow_nonfinite: an entry the update overflows is written as Inf (a NaN or
+    Inf input is refused all the same)."""
+    tau_dtype = torch.promote_types(torch.float32, base.dtype)
+    for e in experts:
+        tau_dtype = torch.promote_types(tau_dtype, e.dtype)
+    n = base.numel()
+    out = torch.empty_like(base)
+    job = _Job(key, base.reshape(-1), [e.reshape(-1) for e in experts], out.view(-1), merge_fn,
+               alpha, compute_dtype, tau_dtype, device, names, allow_nonfinite)
+    if device.type != "cpu":
+        job.run(0, n, max(n, 1))
+    else:
+        # Small ops on two threads each would spend more on waking the other thread than on
+        # the chunk: the span is split between threads instead, one intra-op thread each.
+        parts = min(torch.get_num_threads(), -(-n // CPU_CHUNK))
+        bounds = [n * i // parts for i in range(parts + 1)] if n else []
+        parallel_map(lambda span: job.run(*span, CPU_CHUNK), list(zip(bounds, bounds[1:])))
+    return out
+
+
+class _Job:
+    """One key's inputs, output and settings; run(start, stop, chunk) merges that span."""
+
+    def __init__(self, key, base, experts, out, merge_fn, alpha, compute_dtype, tau_dtype,
+                 device, names, allow_nonfinite):
+        self.key, self.base, self.experts, self.out = key, base, experts, out
+        self.merge_fn, self.alpha, self.names = merge_fn, alpha, names
+        self.compute_dtype, self.tau_dtype, self.device = compute_dtype, tau_dtype, device
+        self.allow_nonfinite = allow_nonfinite
+
+    def run(self, start, stop, chunk):
+        b_buf = torch.empty(chunk, dtype=self.tau_dtype, device=self.device)
+        taus = torch.empty(len(self.experts), chunk, dtype=self.tau_dtype, device=self.device)
+        for lo in range(start, stop, chunk):
+            hi = min(stop, lo + chunk)
+            b = b_buf[:hi - lo]
+            b.copy_(self.base[lo:hi])
+            for t, e in enumerate(self.experts):
+                torch.sub(e[lo:hi].to(self.device), b, out=taus[t, :hi - lo])
+            x = taus[:, :hi - lo]
+            if self.compute_dtype != self.tau_dtype:
+                x = x.to(self.compute_dtype)
+            merged = self.merge_fn(x).to(self.tau_dtype)
+            result = torch.add(b, merged, alpha=self.alpha).to(self.out.dtype)
+            if not all_finite(result):
+                _check_inputs(self.key, lo, hi, self.base, self.experts, self.names)
+                if not self.allow_nonfinite:
+                    raise overflow_error(self.key, result, "merged model")
+            self.out[lo:hi].copy_(result)
+
+
+def _check_inputs(key, start, stop, base, experts, names):
+    for x, name in zip((base, *experts), names):
+        part = x.reshape(-1)[start:stop]
+        if not all_finite(part):
+            bad = "NaN" if torch.isnan(part).any() else "Inf"
+            raise MergeInputError(f"key {shown(key)} of {name} contains {bad}")
