@@ -10,7 +10,13 @@ same precision (fp32: "tf32x3" is three tf32 tensor-core products standing in fo
 product, so its rate is also shown against the tf32 matmul rate, where it is capped near 1/3),
 and each path's error against float64. Goals on an H200: projection+mask >= 3x the torch sequence and
 >= 60% of the matmul rate on the LLM group; reconstruction >= 1.5x matmul+scale+add+cast.
+
+Selection (bench/gpu_run.sh cuts the run to its time box; the measurements are unchanged):
+SCOREMERGE_BENCH_CASES=llm_7b (or vit_b16; default both), SCOREMERGE_BENCH_PRECISIONS=tf32x3
+(default ieee,tf32x3).
 """
+import os
+
 import pytest
 import torch
 
@@ -23,8 +29,11 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 VIT_B = [(2304, 768), (768, 768), (3072, 768), (768, 3072)]
 LLM_7B = {(4096, 4096): 4, (11008, 4096): 2, (4096, 11008): 1}
-CASES = ([("vit_b16", m, n, 12, T) for T in (3, 5) for m, n in VIT_B]
-         + [("llm_7b", m, n, B, 4) for (m, n), B in LLM_7B.items()])
+SELECTED = os.environ.get("SCOREMERGE_BENCH_CASES", "vit_b16,llm_7b").split(",")
+PRECISIONS = os.environ.get("SCOREMERGE_BENCH_PRECISIONS", "ieee,tf32x3").split(",")
+CASES = [case for case in ([("vit_b16", m, n, 12, T) for T in (3, 5) for m, n in VIT_B]
+                           + [("llm_7b", m, n, B, 4) for (m, n), B in LLM_7B.items()])
+         if case[0] in SELECTED]
 ROWS = []
 
 
@@ -62,7 +71,7 @@ def rates():
 
 
 @pytest.mark.parametrize("case, m, n, B, T", CASES)
-@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
+@pytest.mark.parametrize("precision", PRECISIONS)
 def test_project_and_mask_speed(rates, case, m, n, B, T, precision):
     p = T * (min(m, n) // T)
     tau = 1e-3 * torch.randn(B, T, m, n, device="cuda")

@@ -177,7 +177,7 @@ def _compute_dtype(dtype, wide):
         return torch.float64 if wide else torch.float32
     resolved = COMPUTE_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if resolved not in COMPUTE_DTYPES.values():
-        raise MergeInputError(f"compute dtype must be float32 or float64, got {dtype!r}")
+        raise MergeInputError(f"compute dtype must be float32 or float64, got {shown(dtype)}")
     return resolved
 
 

@@ -18,12 +18,15 @@ from pathlib import Path
 from . import api
 from .backend import BACKENDS
 from .config import CLI_UNSET, merge_settings_from
-from .errors import BackendUnavailableError, MergeInputError, shown
+from .errors import BackendUnavailableError, MergeInputError, shown, shown_path
 from .io.access import check_output, output_lock, side_files
 from .io.checkpoint import WEIGHT_FILES, Checkpoint
 from .io.write import check_writable, write_folder
 from .streaming import merge_checkpoints, streaming_refusal
 from .validate import check_models, exclude_patterns
+
+MAX_MESSAGE = 2000          # characters of one error line
+
 
 class _Terminated(KeyboardInterrupt):
     """SIGTERM, raised where SIGINT raises KeyboardInterrupt, so the same cleanup runs."""
@@ -44,7 +47,7 @@ def main(argv=None):
             if args.resumable else "; nothing was written"
         return _fail(f"interrupted{hint}", 143 if isinstance(e, _Terminated) else 130)
     except OSError as e:          # the file system refused: permissions, space, a busy file
-        where = f": {e.filename}" if e.filename else ""
+        where = f": {shown_path(e.filename)}" if e.filename else ""
         return _fail(f"error: {e.strerror or e}{where}", 2)
     except Exception as e:  # anything else is scoremerge's own failure
         if os.environ.get("SCOREMERGE_DEBUG"):
@@ -58,6 +61,10 @@ def main(argv=None):
 
 
 def _fail(message, code):
+    """One line on stderr, however long what it quotes (a path, a key) may be."""
+    message = " ".join(message.splitlines())
+    if len(message) > MAX_MESSAGE:
+        message = f"{message[:MAX_MESSAGE - 200]} ... {message[-150:]}"
     print(f"scoremerge: {message}", file=sys.stderr)
     return code
 
@@ -137,6 +144,9 @@ def _parser():
     ex.add_argument("--out", default="runs/example", help="folder for checkpoints and merges")
     ex.add_argument("--seed", default=0, type=int)
     ex.set_defaults(run=_example)
+
+    from .doctor import add_parser as add_doctor_parser    # its run returns doctor's 0 or 1
+    add_doctor_parser(sub)
     return parser
 
 

@@ -292,9 +292,9 @@ def _patterns(value, label):
     for i, pattern in enumerate(value):
         try:
             re.compile(_string(pattern, f"{label}[{i}]"))
-        except re.error as e:
+        except (re.error, RecursionError, OverflowError) as e:
             raise MergeInputError(f"{label}[{i}]: {shown(pattern)} is not a regular expression: "
-                                  f"{e}") from None
+                                  f"{shown(str(e) or type(e).__name__)}") from None
     return tuple(value)
 
 

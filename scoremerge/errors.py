@@ -26,3 +26,11 @@ def shown(value):
     """repr(value) cut to a line: messages quote what a user gave, never megabytes of it (and
     never walk all of a huge nested value to print it)."""
     return _SHOWN.repr(value)
+
+
+def shown_path(path, limit=240):
+    """A path for a message, its middle cut when it is longer than `limit` characters."""
+    text = str(path)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit // 2]}...({len(text)} characters)...{text[-limit // 3:]}"

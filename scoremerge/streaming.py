@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from . import api
 from .distributed import World
-from .errors import MergeInputError
+from .errors import MergeInputError, shown
 from .io.access import (check_output, check_own_partial, check_replaceable, is_weight_file,
                         output_lock)
 from .io.atomic import replace_folder, write_file_atomically
@@ -37,7 +37,7 @@ from .io.checkpoint import Checkpoint, layout_format
 from .io.safetensors_format import read_header
 from .io.shard_writer import ShardWriter
 from .io.write import copy_side_files, output_metadata, parse_size, plan_shards, write_index
-from .validate import check_device, check_models, check_same_keys, exclude_patterns
+from .validate import check_device, check_dtype, check_models, check_same_keys, exclude_patterns
 
 PROGRESS_NAME = "scoremerge-progress-{rank}.json"        # one per rank: no shared writes
 PROGRESS_GLOB = "scoremerge-progress-*.json"
@@ -97,7 +97,8 @@ def merge_checkpoints(base, experts, out, method="score", *, alpha=1.0, exclude=
         meta = output_metadata({
             "method": spec.name, "options": json.dumps(opts, sort_keys=True), "alpha": alpha,
             "exclude": json.dumps(list(exclude)), "base": base,
-            "experts": json.dumps([str(e) for e in experts]), **(metadata or {})})
+            "experts": json.dumps([str(e) for e in experts]), **(metadata or {})}, shards,
+            side_files)
         plan = _Plan(out, models, names, shards, meta,
                      _fingerprint(models, meta, backend, device, dtype, shards), world)
 
@@ -214,16 +215,18 @@ class _Batch:
 
 
 def _check_layouts(models, names):
+    """Keys, shapes and dtypes from the headers alone, before anything is read or written."""
     check_same_keys([m.infos for m in models], names)
     first = models[0].infos
-    for model, name in zip(models[1:], names[1:]):
+    for model, name in zip(models, names):
         for key, info in first.items():
             other = model.infos[key]
+            check_dtype(key, other.dtype, name)
             if other.shape != info.shape:
-                raise MergeInputError(f"shape mismatch at key {key!r}: {names[0]} has "
+                raise MergeInputError(f"shape mismatch at key {shown(key)}: {names[0]} has "
                                       f"{info.shape}, {name} has {other.shape}")
             if other.dtype.is_floating_point != info.dtype.is_floating_point:
-                raise MergeInputError(f"key {key!r} is {info.dtype} in {names[0]} and "
+                raise MergeInputError(f"key {shown(key)} is {info.dtype} in {names[0]} and "
                                       f"{other.dtype} in {name}")
 
 

@@ -7,12 +7,21 @@ import torch
 from .errors import MergeInputError, shown
 
 _LIST_AT_MOST = 10
+# Floating-point dtypes a merge computes from; float8 checkpoints must be dequantized first.
+MERGEABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _listing(keys):
     keys = sorted(keys)
-    shown = ", ".join(repr(k) for k in keys[:_LIST_AT_MOST])
-    return shown + (f" and {len(keys) - _LIST_AT_MOST} more" if len(keys) > _LIST_AT_MOST else "")
+    listed = ", ".join(shown(k) for k in keys[:_LIST_AT_MOST])
+    return listed + (f" and {len(keys) - _LIST_AT_MOST} more" if len(keys) > _LIST_AT_MOST else "")
+
+
+def check_dtype(key, dtype, name):
+    """Refuse a floating-point dtype no merge computes from (float8), naming key and model."""
+    if dtype.is_floating_point and dtype not in MERGEABLE:
+        raise MergeInputError(f"key {shown(key)} of {name} is {dtype}: scoremerge merges float16, "
+                              "bfloat16, float32 and float64 weights; dequantize it first")
 
 
 def check_models(models, names, *, floating_only=False, values=True):
@@ -32,20 +41,22 @@ def check_models(models, names, *, floating_only=False, values=True):
         for model, name in zip(models, names):
             x = model[key]
             if not isinstance(x, torch.Tensor):
-                raise MergeInputError(f"key {key!r} of {name} is a {type(x).__name__}, not a tensor")
+                raise MergeInputError(f"key {shown(key)} of {name} is a {type(x).__name__}, not "
+                                      "a tensor")
             if x.shape != first[key].shape:
-                raise MergeInputError(f"shape mismatch at key {key!r}: {first_name} has "
+                raise MergeInputError(f"shape mismatch at key {shown(key)}: {first_name} has "
                                       f"{tuple(first[key].shape)}, {name} has {tuple(x.shape)}")
+            check_dtype(key, x.dtype, name)
             if x.is_floating_point():
                 if values and not all_finite(x):
                     bad = "NaN" if torch.isnan(x).any() else "Inf"
-                    raise MergeInputError(f"key {key!r} of {name} contains {bad}")
+                    raise MergeInputError(f"key {shown(key)} of {name} contains {bad}")
             elif floating_only:
-                raise MergeInputError(f"key {key!r} of {name} is {x.dtype}; task vectors hold "
+                raise MergeInputError(f"key {shown(key)} of {name} is {x.dtype}; task vectors hold "
                                       "floating-point keys only (merge() copies integer buffers "
                                       "from the base)")
             elif x.dtype != first[key].dtype or not torch.equal(x.cpu(), first[key].cpu()):
-                raise MergeInputError(f"non-float key {key!r} differs between {first_name} and "
+                raise MergeInputError(f"non-float key {shown(key)} differs between {first_name} and "
                                       f"{name}; integer buffers are copied from the base, never "
                                       "merged, so they must agree")
 
@@ -89,9 +100,9 @@ def exclude_patterns(exclude):
     for p in patterns:
         try:
             re.compile(p)
-        except (re.error, TypeError) as e:
+        except (re.error, TypeError, RecursionError, OverflowError) as e:
             raise MergeInputError(f"exclude pattern {shown(p)} is not a regular expression: "
-                                  f"{e}") from None
+                                  f"{shown(str(e) or type(e).__name__)}") from None
     return patterns
 
 

@@ -101,6 +101,21 @@ def test_existing_output_needs_overwrite_and_is_replaced_whole(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_overwrite_replaces_only_what_the_previous_merge_wrote(tmp_path):
+    """The weights' metadata lists the files a merge wrote; anything else in the folder (a
+    user's notes beside a merged model) makes --overwrite refuse, and nothing is removed."""
+    (tmp_path / "config.json").write_text("{}")
+    save_state_dict(state(0), tmp_path / "out", max_shard_size="2KB",
+                    extra_files=[tmp_path / "config.json"])
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(MergeInputError, match="'notes.txt', which the merge did not write"):
+        save_state_dict(state(1), tmp_path / "out", overwrite=True)
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+    (tmp_path / "out" / "notes.txt").unlink()
+    save_state_dict(state(1), tmp_path / "out", overwrite=True)
+    assert same(load_state_dict(tmp_path / "out"), state(1))
+
+
 def test_unreadable_inputs_are_named(tmp_path):
     save_state_dict(state(), tmp_path / "ok")
     data = (tmp_path / "ok" / "model.safetensors").read_bytes()

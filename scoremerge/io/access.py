@@ -6,14 +6,15 @@ Reading. A path the user names (--base, --experts, a config's paths) is opened a
 symlinks: the user chose it. A file that a checkpoint folder names for itself (its weights,
 its index's shards, the side files copied to the output) must be a plain file name that
 resolves, through any symlinks, to a regular file inside the folder; or, when the folder is a
-Hugging Face cache snapshot (`models--org--name/snapshots/<revision>/`), inside that
-repository's `blobs/`, where the hub keeps what its snapshot links point to. Anything else is
+Hugging Face cache snapshot (`models--org--name/snapshots/<revision>/`, or a folder inside one),
+inside that repository's `blobs/`, where the hub keeps what its snapshot links point to. Anything else is
 refused by name, without opening it.
 
 Writing. The output folder may not be, contain or sit inside an input. It is built in a hidden
 folder beside it and renamed into place; while a run writes it holds a lock beside the output,
 so a second run into the same folder refuses at once. --overwrite replaces only a folder that a
-previous merge wrote: scoremerge's metadata in its weights, and nothing but files a merge writes.
+previous merge wrote: scoremerge's metadata in its weights lists every file it wrote, and the
+folder holds nothing else.
 """
 import fcntl
 import json
@@ -29,6 +30,7 @@ INDEX_NAME = "model.safetensors.index.json"
 # Files of a base model folder copied beside the merged weights (configs, tokenizers).
 SIDE_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".py")
 MARKER_KEY = "scoremerge_version"        # in every file a merge writes (safetensors metadata)
+FILES_KEY = "scoremerge_files"           # beside it: the names of every file the merge wrote
 
 
 def member(folder, name, what):
@@ -52,12 +54,14 @@ def member(folder, name, what):
 
 
 def _roots(folder):
+    """The folder, and the cache's blobs/ when the folder is, or lies in, a snapshot revision
+    (diffusers keeps its models in subfolders of one: snapshots/<rev>/text_encoder/)."""
     real = Path(folder).resolve()
-    roots = [real]
-    blobs = real.parent.parent / "blobs"
-    if real.parent.name == "snapshots" and blobs.is_dir():
-        roots.append(blobs)
-    return roots
+    for revision in (real, *real.parents):
+        blobs = revision.parent.parent / "blobs"
+        if revision.parent.name == "snapshots" and blobs.is_dir():
+            return [real, blobs]
+    return [real]
 
 
 def side_files(folder, weight_names):
@@ -132,30 +136,36 @@ def check_replaceable(out, overwrite):
 
 
 def _not_a_previous_output(folder):
-    """None when `folder` holds only what a merge writes, with scoremerge's metadata in its
-    weights; else what it holds that a merge does not write."""
+    """None when `folder` holds only files a merge wrote there, as its weights' metadata lists
+    them (FILES_KEY); else what it holds that no merge wrote."""
+    recorded = _recorded_files(folder)
+    if recorded is None:
+        return "its weights do not carry scoremerge's metadata"
     for path in folder.iterdir():
         if path.is_symlink() or not path.is_file():
-            return f"it holds {path.name!r}, which is not a regular file"
-        if not (is_weight_file(path.name) or path.suffix in SIDE_FILE_SUFFIXES):
-            return f"it holds {path.name!r}, which a merge does not write"
-    return None if _has_marker(folder) else "its weights do not carry scoremerge's metadata"
+            return f"it holds {shown(path.name)}, which is not a regular file"
+        if path.name not in recorded:
+            return f"it holds {shown(path.name)}, which the merge did not write"
+    return None
 
 
 def is_weight_file(name):
     return name == INDEX_NAME or (name.startswith("model") and name.endswith(".safetensors"))
 
 
-def _has_marker(folder):
+def _recorded_files(folder):
+    """The file names a merge recorded writing into `folder`, or None if none did."""
     try:
         if (folder / INDEX_NAME).is_file():
             meta = json.loads((folder / INDEX_NAME).read_text()).get("metadata", {})
-            return isinstance(meta, dict) and MARKER_KEY in meta
-        path = folder / "model.safetensors"
-        with open(path, "rb") as f:
-            return MARKER_KEY in read_header(f, os.fstat(f.fileno()).st_size, path)[1]
-    except (OSError, ValueError, AttributeError):
-        return False
+        else:
+            path = folder / "model.safetensors"
+            with open(path, "rb") as f:
+                meta = read_header(f, os.fstat(f.fileno()).st_size, path)[1]
+        files = json.loads(meta[FILES_KEY]) if MARKER_KEY in meta else None
+        return set(files) if isinstance(files, list) else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return None
 
 
 def check_own_partial(partial):
@@ -167,7 +177,7 @@ def check_own_partial(partial):
         own = path.name.startswith(".") and path.name.endswith((".partial", ".tmp")) \
             or is_weight_file(path.name) or path.suffix in SIDE_FILE_SUFFIXES
         if path.is_symlink() or not path.is_file() or not own:
-            raise MergeInputError(f"{partial}: holds {path.name!r}, which a merge does not "
+            raise MergeInputError(f"{partial}: holds {shown(path.name)}, which a merge does not "
                                   "write there; remove the folder yourself")
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import MergeInputError, shown
+from ..errors import MergeInputError, shown, shown_path
 from .access import member
 from .safetensors_format import read_header
 
@@ -44,10 +44,12 @@ class Checkpoint:
             self._opened = [_identity(os.fstat(fd)) for fd in self._fds]
             if self.format == "safetensors":
                 self._read_headers(self._weight_map)
+                if not self.infos:
+                    raise MergeInputError(f"{shown_path(self.path)}: holds no tensors")
         except OSError as e:
             self.close()
-            raise MergeInputError(f"{e.filename or self.path}: cannot read: {e.strerror}") \
-                from None
+            raise MergeInputError(f"{shown_path(e.filename or self.path)}: cannot read: "
+                                  f"{e.strerror}") from None
         except BaseException:
             self.close()
             raise
@@ -95,6 +97,8 @@ class Checkpoint:
         out = {}
         for fd, path in zip(self._fds, self.files):
             out.update(_torch_load(fd, path))
+        if not out:
+            raise MergeInputError(f"{shown_path(self.path)}: holds no tensors")
         return out if self._weight_map is None else _select(out, self.index, self._weight_map)
 
     def check_unchanged(self):
@@ -197,7 +201,7 @@ def _shard(folder, index, shard, weight_map):
     real = member(folder, shard, f"shard named by {index.name}")
     if not real.is_file():
         keys = [k for k, s in weight_map.items() if s == shard]
-        raise MergeInputError(f"{index}: shard {shard!r} (holding {keys[0]!r} and "
+        raise MergeInputError(f"{index}: shard {shown(shard)} (holding {shown(keys[0])} and "
                               f"{len(keys) - 1} more) is missing")
     return real
 
@@ -211,7 +215,8 @@ def _match_index(index, weight_map, files, headers):
     for key, shard in weight_map.items():
         i = position[shard]
         if key not in headers[i]:
-            raise MergeInputError(f"{index}: places {key!r} in {shard}, which does not hold it")
+            raise MergeInputError(f"{index}: places {shown(key)} in {shard}, which does not "
+                                  "hold it")
         infos[key], file_of[key] = headers[i][key], i
     unindexed = [k for i, h in enumerate(headers) for k in h if file_of.get(k) != i]
     if unindexed:
@@ -233,7 +238,7 @@ def _torch_load(fd, path):
     not_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         hint = (" (a training checkpoint? pass the state dict it holds under "
-                f"{not_tensors[0]!r})" if len(obj) < 10 else "")
+                f"{shown(not_tensors[0])})" if len(obj) < 10 else "")
         raise MergeInputError(f"{path}: entries that are not tensors: "
                               f"{[shown(k) for k in not_tensors[:5]]}{hint}")
     return obj

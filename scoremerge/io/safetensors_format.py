@@ -105,9 +105,9 @@ def _entry(key, entry, data_start, name):
         raise _bad(name, f"{where}: unknown dtype {shown(entry['dtype'])} (known: "
                          f"{', '.join(DTYPES)})")
     shape, offsets = entry["shape"], entry["data_offsets"]
-    if not _ints(shape) or any(d < 0 for d in shape):
-        raise _bad(name, f"{where}: shape must be a list of non-negative integers, got "
-                         f"{shown(shape)}")
+    if not _ints(shape) or any(d < 0 for d in shape) or not _product_fits(shape):
+        raise _bad(name, f"{where}: shape must be a list of non-negative integers whose "
+                         f"running product fits 64 bits, got {shown(shape)}")
     if not _ints(offsets) or len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1]:
         raise _bad(name, f"{where}: data_offsets must be two integers [start, end] with 0 <= "
                          f"start <= end, got {shown(offsets)}")
@@ -116,6 +116,17 @@ def _entry(key, entry, data_start, name):
         raise _bad(name, f"{where} spans {offsets[1] - offsets[0]} bytes, its shape and dtype "
                          f"need {needed}")
     return TensorInfo(dtype, tuple(shape), data_start + offsets[0], needed)
+
+
+def _product_fits(shape):
+    """Every partial product of the dimensions, in order, below 2^63: the reference multiplies
+    with overflow checks, so a [2^40, 2^40, 0] tensor is refused though it holds nothing."""
+    product = 1
+    for d in shape:
+        product *= d
+        if product >= 2**63:
+            return False
+    return True
 
 
 def _ints(value):

@@ -14,8 +14,8 @@ import torch
 
 from .._version import __version__
 from ..errors import MergeInputError, shown
-from .access import (INDEX_NAME, MARKER_KEY, check_output, check_replaceable, copy_side_file,
-                     output_lock)
+from .access import (FILES_KEY, INDEX_NAME, MARKER_KEY, check_output, check_replaceable,
+                     copy_side_file, output_lock)
 from .atomic import make_temp_dir, replace_folder, write_file_atomically
 from .safetensors_format import DTYPE_NAMES
 from .shard_writer import ShardWriter
@@ -43,11 +43,19 @@ def check_writable(out_dir, overwrite=False, inputs=()):
     check_replaceable(out_dir, overwrite)
 
 
-def output_metadata(metadata=None):
-    """The metadata every written file carries: scoremerge's marker and version first, the
-    rest sorted by key (str to str)."""
+def output_metadata(metadata, shards, side_files):
+    """The metadata every written file carries: scoremerge's marker and version, the names of
+    every file the merge writes (what a later --overwrite may replace), the rest sorted by key
+    (str to str)."""
+    names = [*shards, *([INDEX_NAME] if len(shards) > 1 else []),
+             *(_side_name(item) for item in side_files)]
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    return {"format": "pt", MARKER_KEY: __version__, **dict(sorted(meta.items()))}
+    return {"format": "pt", MARKER_KEY: __version__, FILES_KEY: json.dumps(sorted(names)),
+            **dict(sorted(meta.items()))}
+
+
+def _side_name(item):
+    return item[0] if isinstance(item, tuple) else Path(item).name
 
 
 def plan_shards(sizes, limit):
@@ -82,7 +90,7 @@ def write_index(folder, shards, total_size, meta):
 def copy_side_files(folder, side_files):
     """Copy (name, real path) pairs, or plain paths a caller chose, into `folder`."""
     for item in side_files:
-        name, real = item if isinstance(item, tuple) else (Path(item).name, Path(item).resolve())
+        name, real = item if isinstance(item, tuple) else (_side_name(item), Path(item).resolve())
         (Path(folder) / name).unlink(missing_ok=True)      # left by an interrupted finish
         copy_side_file(real, Path(folder) / name)
 
@@ -108,7 +116,7 @@ def write_folder(state_dict, out_dir, *, metadata=None, max_shard_size=DEFAULT_M
     check_replaceable(out_dir, overwrite)
     tensors = _tensors(state_dict)
     shards = plan_shards(((k, _nbytes(t)) for k, t in tensors.items()), parse_size(max_shard_size))
-    meta = output_metadata(metadata)
+    meta = output_metadata(metadata, shards, extra_files)
     tmp = make_temp_dir(out_dir)
     try:
         for name, keys in shards.items():

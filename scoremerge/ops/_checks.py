@@ -1,8 +1,6 @@
 """Input checks shared by the ops: shapes, dtypes and devices, with the offending values."""
 import torch
 
-from ..kernels import cuda_linalg
-
 FLOAT_DTYPES = (torch.float32, torch.float64)
 
 
@@ -37,12 +35,3 @@ def default_precision(precision, x):
         return precision
     return "tf32x3" if x.is_cuda and x.dtype == torch.float32 else "ieee"
 
-
-def linalg_unsupported(A):
-    """{"cuda": why} when the CUDA linear-algebra path cannot take A (no batched eigensolver on
-    its device), for backend.resolve; None otherwise. Asked only of CUDA tensors."""
-    if A.device.type != "cuda":
-        return None
-    index = A.device.index if A.device.index is not None else torch.cuda.current_device()
-    why = cuda_linalg.unavailable_reason(index)
-    return {"cuda": why} if why else None

@@ -1,7 +1,7 @@
 """ops.mix: multi-expert weighted parameter mixing over a flat arena (the online-merging kernel)."""
 import torch
 
-from ..backend import resolve
+from ..backend import run
 from ..kernels import cuda as cuda_kernels
 from ..kernels.torch import mixing as torch_mixing
 
@@ -46,14 +46,15 @@ def mix(experts, coeffs, bounds=None, *, out=None, backend="auto"):
                              f"{tuple(out.shape)} on {out.device}")
     coeffs = coeffs.contiguous()
     lacks = cuda_kernels.lacks(experts.dtype, coeffs.dtype, out.dtype)
-    name = resolve("mix", backend, experts.device, ("cuda", "triton", "torch"),
-                   unsupported={"cuda": lacks} if lacks else None)
-    if name == "cuda":
-        return cuda_kernels.mix(experts, coeffs, bounds, out)
-    if name == "triton":
+
+    def triton():
         from ..kernels.triton import mix as triton_mix
         return triton_mix.mix(experts, coeffs, bounds, out)
-    return torch_mixing.mix(experts, coeffs, bounds, out)
+
+    return run("mix", backend, experts.device,
+               {"cuda": lambda: cuda_kernels.mix(experts, coeffs, bounds, out), "triton": triton,
+                "torch": lambda: torch_mixing.mix(experts, coeffs, bounds, out)},
+               unsupported={"cuda": lacks} if lacks else None)
 
 
 def _check_tensor(name, x, ndim):

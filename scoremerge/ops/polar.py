@@ -1,8 +1,8 @@
 """ops.polar: the orthogonal polar factor of a batch of matrices."""
-from ..backend import resolve
+from ..backend import run
 from ..kernels import cuda_linalg
 from ..kernels.torch import linalg as torch_linalg
-from ._checks import check_matrix_batch, linalg_unsupported
+from ._checks import check_matrix_batch
 
 
 def polar(A, *, backend="auto"):
@@ -12,11 +12,7 @@ def polar(A, *, backend="auto"):
     >>> Q = polar(torch.randn(4, 30, 20))   # Q.mT @ Q == I
     """
     check_matrix_batch("A", A, ndim=2)
-    name = resolve("polar", backend, A.device, ("cuda", "torch"),
-                   unsupported=linalg_unsupported(A))
     flat = A.reshape(-1, *A.shape[-2:])
-    if name == "cuda":
-        out = cuda_linalg.polar(flat)
-    else:
-        out = torch_linalg.polar(flat)
+    out = run("polar", backend, A.device, {"cuda": lambda: cuda_linalg.polar(flat),
+                                           "torch": lambda: torch_linalg.polar(flat)})
     return out.reshape(A.shape)

@@ -1,5 +1,5 @@
 """ops.project_and_mask: SCORE's projection into the shared basis with diagonal masking."""
-from ..backend import resolve
+from ..backend import run
 from ..kernels.torch import projection as torch_projection
 from ._checks import check_matrix_batch, check_precision, check_same, default_precision
 
@@ -34,9 +34,13 @@ def project_and_mask(tau, Ustar, Vstar, *, variant="full", trim_multiplier=1.96,
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     check_precision(precision)
-    if resolve("project_and_mask", backend, tau.device, ("triton", "torch")) == "triton":
+
+    def triton():
         from ..kernels.triton.project_and_mask import project_and_mask as triton_project_and_mask
         return triton_project_and_mask(tau, Ustar, Vstar, variant, trim_multiplier,
                                        trim_per_task, default_precision(precision, tau))
-    return torch_projection.project_and_mask(tau, Ustar, Vstar, variant, trim_multiplier,
-                                             trim_per_task)
+
+    return run("project_and_mask", backend, tau.device, {
+        "triton": triton,
+        "torch": lambda: torch_projection.project_and_mask(tau, Ustar, Vstar, variant,
+                                                           trim_multiplier, trim_per_task)})

@@ -1,5 +1,5 @@
 """ops.reconstruct: Ustar S Vstar, optionally added to a base and cast on store."""
-from ..backend import resolve
+from ..backend import run
 from ..kernels.torch import projection as torch_projection
 from ._checks import check_matrix_batch, check_precision, check_same, default_precision
 
@@ -25,8 +25,13 @@ def reconstruct(Ustar, S, Vstar, *, base=None, alpha=1.0, out_dtype=None, precis
     if base is not None and base.device != Ustar.device:
         raise ValueError(f"base is on {base.device}, the factors on {Ustar.device}")
     check_precision(precision)
-    if resolve("reconstruct", backend, Ustar.device, ("triton", "torch")) == "triton":
+
+    def triton():
         from ..kernels.triton.reconstruct import reconstruct as triton_reconstruct
         return triton_reconstruct(Ustar, S, Vstar, base, alpha, out_dtype or S.dtype,
                                   default_precision(precision, Ustar))
-    return torch_projection.reconstruct(Ustar, S, Vstar, base, alpha, out_dtype or S.dtype)
+
+    return run("reconstruct", backend, Ustar.device, {
+        "triton": triton,
+        "torch": lambda: torch_projection.reconstruct(Ustar, S, Vstar, base, alpha,
+                                                      out_dtype or S.dtype)})

@@ -1,9 +1,9 @@
 """ops.truncated_svd: the top-k singular triplets of a batch of matrices."""
-from ..backend import resolve
+from ..backend import run
 from ..kernels import cuda_linalg
 from ..kernels.torch import linalg as torch_linalg
 from ..ref.linalg import canonical_signs
-from ._checks import check_matrix_batch, linalg_unsupported
+from ._checks import check_matrix_batch
 
 
 def truncated_svd(A, k, *, backend="auto"):
@@ -20,13 +20,10 @@ def truncated_svd(A, k, *, backend="auto"):
     r = min(A.shape[-2:])
     if not 1 <= k <= r:
         raise ValueError(f"k must be in 1..min(m, n) = {r}, got {k} for A of shape {tuple(A.shape)}")
-    name = resolve("truncated_svd", backend, A.device, ("cuda", "torch"),
-                   unsupported=linalg_unsupported(A))
     lead = A.shape[:-2]
     flat = A.reshape(-1, *A.shape[-2:])
-    if name == "cuda":
-        U, S, Vh = cuda_linalg.truncated_svd(flat, k)
-    else:
-        U, S, Vh = torch_linalg.truncated_svd(flat, k)
+    U, S, Vh = run("truncated_svd", backend, A.device,
+                   {"cuda": lambda: cuda_linalg.truncated_svd(flat, k),
+                    "torch": lambda: torch_linalg.truncated_svd(flat, k)})
     U, Vh = canonical_signs(U, Vh)
     return U.reshape(*lead, *U.shape[-2:]), S.reshape(*lead, k), Vh.reshape(*lead, *Vh.shape[-2:])
