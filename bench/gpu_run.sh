@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The project's whole GPU verification in one device call (issue 15): install with the nvcc build
+# The project's whole GPU verification in one device call: install with the nvcc build
 # of scoremerge._C, `scoremerge doctor` (the verdict), the GPU tests that matter most, then the GPU
 # benchmarks in priority order. Each part runs under `timeout`, so a slow one cannot starve the
 # ones after it, and everything lands in $OUT (default gpu-out/), with a one-screen summary

@@ -1,4 +1,4 @@
-"""Hostile and unlucky inputs (issue 13): every crafted file is built here, byte by byte where it
+"""Hostile and unlucky inputs: every crafted file is built here, byte by byte where it
 matters (headers from struct.pack('<Q', n) + JSON + data), with symlinks, YAML aliases and racing
 processes. For each case: the exit code of `scoremerge merge`, on the in-memory path (`--method
 ties`, whose global scope cannot stream, or a .pt expert) and on the streaming path (`--stream`)
