@@ -18,7 +18,7 @@ COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 def methods():
     """Every registered method by name: kind, summary, paper, and its options with defaults
-    (`methods()["ties"].defaults == {"density": 0.2, "scope": "global"}`)."""
+    (`methods()["ties"].defaults["density"] == 0.2`)."""
     return all_methods()
 
 
@@ -209,7 +209,8 @@ def _merge(tvs, spec, opts, exclude, backend, device, dtype, progress):
     if spec.kind == "matrix":
         shapes = {k: tuple(first[k].shape) for k in keys}
         groups = shape_groups(shapes, T, exclude, cdtype.itemsize,
-                              min_chunks=torch.get_num_threads() if device.type == "cpu" else 1)
+                              min_chunks=torch.get_num_threads() if device.type == "cpu" else 1,
+                              method=spec.name)
 
         def merge_group(group):
             merged = spec.fn(torch.stack([stacked(k) for k in group]), backend=backend, **opts)
@@ -222,7 +223,7 @@ def _merge(tvs, spec, opts, exclude, backend, device, dtype, progress):
         else:
             for group in groups:
                 merge_group(group)
-        rest = [k for k in keys if not routes_to_matrix(shapes[k], k, T, exclude)]
+        rest = [k for k in keys if not routes_to_matrix(shapes[k], k, T, exclude, spec.name)]
         for key in rest:
             store(key, stacked(key).mean(dim=0))
             bar.update(1)

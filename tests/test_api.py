@@ -58,7 +58,8 @@ def test_methods_lists_every_method_with_defaults():
     assert list(ms) == ["mean", "task_arithmetic", "magmax", "ties", "score", "tsv", "iso_c",
                         "iso_cts"]
     assert ms["score"].defaults == {"variant": "full", "trim_multiplier": 1.96, "trim_per_task": True}
-    assert ms["ties"].defaults == {"density": 0.2, "scope": "global"}
+    assert ms["ties"].defaults == {"density": 0.2, "scope": "global", "disjoint": "mean",
+                                   "zero_sign": "zero"}
     assert ms["iso_cts"].defaults == {"common_space_fraction": 0.8}
 
 

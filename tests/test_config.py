@@ -191,7 +191,8 @@ def test_command_line_overrides_the_file(tmp_path, monkeypatch):
     s = _cli(["--config", str(cfg), "--alpha", "2", "--option", "density=0.5",
               "--out", "elsewhere", "--experts", "x"])
     assert s.alpha == 2.0 and s.method == "ties"
-    assert s.option == {"density": 0.5, "scope": "tensor"}       # --option: key by key
+    assert s.option == {"density": 0.5, "scope": "tensor", "disjoint": "mean",
+                        "zero_sign": "zero"}                     # --option: key by key
     assert s.out == "elsewhere" and s.experts == ("x",)           # command line: as typed
     assert s.base == str(tmp_path / "base")                       # file: from its folder
     assert s.overwrite is True                                    # not typed: the file's

@@ -12,7 +12,9 @@ from conftest import MIXED_SHAPES, random_task_vectors, rel_err
 METHODS = list(scoremerge.methods())
 OPTIONS = {"score": [{}, {"variant": "diag"}, {"variant": "offdiag"}, {"variant": "untrimmed"},
                      {"trim_per_task": False, "trim_multiplier": 1.0}],
-           "ties": [{}, {"scope": "tensor", "density": 0.5}],
+           "ties": [{}, {"scope": "tensor", "density": 0.5}, {"disjoint": "sum"},
+                    {"disjoint": "max", "scope": "tensor", "density": 0.5},
+                    {"zero_sign": "majority"}],
            "iso_cts": [{}, {"common_space_fraction": 0.5}]}
 CASES = [(m, o) for m in METHODS for o in OPTIONS.get(m, [{}])]
 
@@ -117,3 +119,46 @@ def test_backend_reference_runs_the_per_key_loops(mixed_task_vectors):
     a = scoremerge.merge_task_vectors(mixed_task_vectors, "score", backend="reference")
     b = ref.merge_task_vectors(mixed_task_vectors, "score")
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+@pytest.mark.parametrize("method", ["iso_c", "iso_cts"])
+def test_iso_methods_merge_keys_thinner_than_the_task_count(method):
+    """Iso-C and Iso-CTS decompose the summed matrix, so a 2-D key with fewer rows than tasks
+    still has a basis: both paths merge it isotropically (a single row comes back as the sum)."""
+    shapes = {"head": (2, 15), "row": (1, 9), "narrow": (3, 40)}
+    tvs = random_task_vectors(shapes, T=4, seed=3)
+    fast, want = scoremerge.merge_task_vectors(tvs, method), ref.merge_task_vectors(tvs, method)
+    for key, shape in shapes.items():
+        assert routes_to_matrix(shape, key, 4, [], method)
+        assert not routes_to_matrix(shape, key, 4, [], "tsv")
+        assert rel_err(fast[key], want[key]) < 1e-9, key
+        assert rel_err(fast[key], sum(tv[key] for tv in tvs) / 4) > 0.1, key
+    assert rel_err(fast["row"], sum(tv["row"] for tv in tvs)) < 1e-12
+
+
+def test_magmax_ties_take_the_later_task_in_both_paths():
+    g = torch.Generator().manual_seed(4)
+    tvs = [{"w": torch.randint(-2, 3, (40, 30), generator=g).double()} for _ in range(4)]
+    stacked = torch.stack([tv["w"] for tv in tvs]).abs()
+    top2 = stacked.topk(2, dim=0).values
+    assert (top2[0] == top2[1]).sum() > 100                   # ties, of either sign, abound
+    fast, want = scoremerge.merge_task_vectors(tvs, "magmax"), ref.merge_task_vectors(tvs, "magmax")
+    assert torch.equal(fast["w"], want["w"])
+    last = 3 - stacked.flip(0).argmax(dim=0)
+    assert torch.equal(want["w"], torch.stack([tv["w"] for tv in tvs]).gather(0, last[None])[0])
+
+
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_ties_zero_sign_majority_in_both_paths(scope):
+    """Values of -2..2 cancel exactly in many entries: with zero_sign="majority" those entries
+    take the sign most entries of the scope elect, identically in both paths."""
+    g = torch.Generator().manual_seed(6)
+    shapes = {"a": (30, 20), "b": (50,)}
+    tvs = [{k: torch.randint(-2, 3, s, generator=g).double() for k, s in shapes.items()}
+           for _ in range(4)]
+    opts = {"density": 0.9, "scope": scope, "zero_sign": "majority"}
+    fast, want = scoremerge.merge_task_vectors(tvs, "ties", **opts), ref.merge_task_vectors(tvs, "ties", **opts)
+    zero = scoremerge.merge_task_vectors(tvs, "ties", density=0.9, scope=scope)
+    for key in shapes:
+        assert torch.equal(fast[key], want[key]), key
+    assert sum(int((fast[k] != zero[k]).sum()) for k in shapes) > 10

@@ -24,6 +24,15 @@ def test_magmax_takes_the_largest_magnitude_with_its_sign():
     assert torch.equal(ref.methods.magmax([a, b]), torch.tensor([-2.0, -3.0], dtype=D))
 
 
+def test_magmax_takes_the_later_task_on_equal_magnitudes():
+    # |2| = |-2| in entry 0 (b is later), all three tie in entry 1 (c), |3| = |-3| in entry 2 (c)
+    a = torch.tensor([2.0, -1.0, 3.0], dtype=D)
+    b = torch.tensor([-2.0, 1.0, 1.0], dtype=D)
+    c = torch.tensor([1.0, -1.0, -3.0], dtype=D)
+    assert torch.equal(ref.methods.magmax([a, b, c]), torch.tensor([-2.0, -1.0, -3.0], dtype=D))
+    assert torch.equal(ref.methods.magmax([c, b, a]), torch.tensor([2.0, -1.0, 3.0], dtype=D))
+
+
 def test_ties_trim_elect_disjoint_mean():
     t1 = {"w": torch.tensor([1.0, -2.0, 3.0, 0.5], dtype=D)}
     t2 = {"w": torch.tensor([-1.0, -1.5, 1.0, 4.0], dtype=D)}
@@ -31,6 +40,30 @@ def test_ties_trim_elect_disjoint_mean():
     # elected signs [0, -, +, +]; agreeing means [0, -1.75, 3, 4].
     out = ref.methods.ties([t1, t2], ["w"], density=0.5, scope="tensor")["w"]
     assert torch.equal(out, torch.tensor([0.0, -1.75, 3.0, 4.0], dtype=D))
+
+
+def test_ties_disjoint_sum_and_max():
+    t1 = {"w": torch.tensor([1.0, -2.0, 3.0, 0.5], dtype=D)}
+    t2 = {"w": torch.tensor([-1.0, -1.5, 1.0, 4.0], dtype=D)}
+    # kept as above, [0, -2, 3, 0] and [0, -1.5, 0, 4]; agreeing values -2 and -1.5, 3, 4
+    summed = ref.methods.ties([t1, t2], ["w"], density=0.5, scope="tensor", disjoint="sum")["w"]
+    largest = ref.methods.ties([t1, t2], ["w"], density=0.5, scope="tensor", disjoint="max")["w"]
+    assert torch.equal(summed, torch.tensor([0.0, -3.5, 3.0, 4.0], dtype=D))
+    assert torch.equal(largest, torch.tensor([0.0, -2.0, 3.0, 4.0], dtype=D))
+
+
+def test_ties_zero_sign_majority():
+    t1 = {"w": torch.tensor([2.0, 1.0, 3.0, -1.0], dtype=D)}
+    t2 = {"w": torch.tensor([-2.0, 1.0, 1.0, -1.0], dtype=D)}
+    # everything kept; sums [0, 2, 4, -2]: entry 0 cancels exactly. Elected elsewhere: +, +, -:
+    # two + against one -, so entry 0 takes + and its agreeing value 2.
+    zero = ref.methods.ties([t1, t2], ["w"], density=1.0)["w"]
+    majority = ref.methods.ties([t1, t2], ["w"], density=1.0, zero_sign="majority")["w"]
+    assert torch.equal(zero, torch.tensor([0.0, 1.0, 2.0, -1.0], dtype=D))
+    assert torch.equal(majority, torch.tensor([2.0, 1.0, 2.0, -1.0], dtype=D))
+    t2["w"][1] = -1.0     # entries 0 and 1 cancel; the others elect + and -: no majority
+    tie = ref.methods.ties([t1, t2], ["w"], density=1.0, zero_sign="majority")["w"]
+    assert torch.equal(tie, torch.tensor([0.0, 0.0, 2.0, -1.0], dtype=D))
 
 
 def test_ties_global_scope_ranks_across_keys():
@@ -83,6 +116,25 @@ def test_trim_per_task_divides_the_threshold_by_T():
 def test_iso_c_flattens_the_spectrum_of_the_sum():
     out = ref.methods.iso_c([diag(3.0, 0.0), diag(0.0, 1.0)])
     assert torch.allclose(out, diag(2.0, 2.0))
+
+
+def test_keys_thinner_than_the_task_count_route_per_method():
+    # T = 3 tasks on a 2x2 key and a 1x2 key: SCORE and TSV-M would have k = 0 directions per
+    # task and take the mean; Iso-C and Iso-CTS flatten the spectrum of the sum, diag(3, 1) ->
+    # diag(2, 2) (Iso-CTS: c = int(1.6) = 1, round(1 / 3) * 3 = 0 task directions, so c = 2),
+    # and a single row keeps its one singular value: the sum [3, 4].
+    square = [diag(3.0, 0.0), diag(0.0, 1.0), diag(0.0, 0.0)]
+    row = [torch.tensor([[3.0, 0.0]], dtype=D), torch.tensor([[0.0, 4.0]], dtype=D),
+           torch.zeros(1, 2, dtype=D)]
+    tvs = [{"square": s, "row": r} for s, r in zip(square, row)]
+    for method in ("iso_c", "iso_cts"):
+        out = ref.merge_task_vectors(tvs, method)
+        assert torch.allclose(out["square"], diag(2.0, 2.0)), method
+        assert torch.allclose(out["row"], torch.tensor([[3.0, 4.0]], dtype=D)), method
+    for method in ("score", "tsv"):
+        out = ref.merge_task_vectors(tvs, method)
+        assert torch.allclose(out["square"], diag(1.0, 1.0 / 3)), method
+        assert torch.allclose(out["row"], torch.tensor([[1.0, 4.0 / 3]], dtype=D)), method
 
 
 def test_iso_cts_sizes_follow_the_rounding_rule():

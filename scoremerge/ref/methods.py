@@ -75,35 +75,51 @@ def task_arithmetic(taus):
 
 
 def magmax(taus):
-    """Per entry, the task value of largest magnitude (the first task on ties)."""
-    stacked = torch.stack(taus)
-    idx = stacked.abs().argmax(dim=0, keepdim=True)
-    return torch.gather(stacked, 0, idx)[0]
+    """Per entry, the task value of largest magnitude; on equal magnitudes the later task wins,
+    as in the MagMax authors' code (a running selection replaced where |tau_t| >= |best|)."""
+    best = taus[0]
+    for tau in taus[1:]:
+        best = torch.where(tau.abs() >= best.abs(), tau, best)
+    return best
 
 
-def ties(task_vectors, keys, *, density=0.2, scope="global"):
+def ties(task_vectors, keys, *, density=0.2, scope="global", disjoint="mean", zero_sign="zero"):
     """TIES-merging over the given keys of T task vectors (dicts); returns {key: merged}.
 
     Trim: keep each task vector's top round(density * N) entries by magnitude, ranked over
     all the given keys at once (scope="global") or per key (scope="tensor"). Elect: a sign per
-    entry from the sum of kept values. Disjoint mean: average the kept values that agree.
+    entry from the sum of kept values; where that sum is exactly zero, no sign, or with
+    zero_sign="majority" the sign elected by more entries of the scope than the other. Disjoint
+    mean: average the kept values that agree (disjoint="sum" adds them, "max" takes the largest
+    magnitude with the elected sign).
     """
+    groups = [keys] if scope == "global" else [[key] for key in keys]
     kept = [dict() for _ in task_vectors]
     for t, tv in enumerate(task_vectors):
-        groups = [keys] if scope == "global" else [[key] for key in keys]
         for group in groups:
             flat = torch.cat([tv[key].reshape(-1) for key in group])
             threshold = _magnitude_threshold(flat, density)
             for key in group:
                 x = tv[key]
                 kept[t][key] = torch.where(x.abs() >= threshold, x, torch.zeros_like(x))
+    elected = {key: torch.sign(torch.stack([kt[key] for kt in kept]).sum(dim=0)) for key in keys}
+    if zero_sign == "majority":
+        for group in groups:
+            votes = sum(int((elected[k] > 0).sum()) - int((elected[k] < 0).sum()) for k in group)
+            majority = 1.0 if votes > 0 else -1.0 if votes < 0 else 0.0
+            for key in group:
+                elected[key] = torch.where(elected[key] == 0, majority, elected[key])
     merged = {}
     for key in keys:
         stacked = torch.stack([kt[key] for kt in kept])
-        elected = torch.sign(stacked.sum(dim=0))
-        agree = (torch.sign(stacked) == elected) & (stacked != 0)
-        count = agree.sum(dim=0).clamp(min=1)
-        merged[key] = (stacked * agree).sum(dim=0) / count
+        agree = (torch.sign(stacked) == elected[key]) & (stacked != 0)
+        chosen = stacked * agree
+        if disjoint == "sum":
+            merged[key] = chosen.sum(dim=0)
+        elif disjoint == "max":
+            merged[key] = chosen.abs().amax(dim=0) * elected[key]
+        else:
+            merged[key] = chosen.sum(dim=0) / agree.sum(dim=0).clamp(min=1)
     return merged
 
 
@@ -116,10 +132,13 @@ def _magnitude_threshold(flat, density):
     return flat.abs().kthvalue(flat.numel() - n_keep + 1).values
 
 
-def routes_to_matrix(key, tensor, T, exclude):
-    """The matrix path: 2-D, not excluded, and at least one singular direction per task."""
+def routes_to_matrix(key, tensor, T, exclude, method=None):
+    """The matrix path: 2-D, not excluded, and a basis for `method`. SCORE and TSV-M split the
+    rank into T per-task blocks of min(m, n) // T directions and need that to be at least 1;
+    Iso-C and Iso-CTS decompose the summed matrix and need only min(m, n) >= 1."""
+    needed = 1 if method in ("iso_c", "iso_cts") else T
     return (tensor.ndim == 2 and not any(re.search(p, key) for p in exclude)
-            and min(tensor.shape) // T >= 1)
+            and min(tensor.shape) >= needed)
 
 
 def merge_task_vectors(task_vectors, method, *, exclude=(), **options):
@@ -135,7 +154,7 @@ def merge_task_vectors(task_vectors, method, *, exclude=(), **options):
             continue
         taus = [tv[key] for tv in task_vectors]
         if method in MATRIX_METHODS:
-            if routes_to_matrix(key, taus[0], T, exclude):
+            if routes_to_matrix(key, taus[0], T, exclude, method):
                 out[key] = globals()[method](taus, **options)
             else:
                 out[key] = mean(taus)

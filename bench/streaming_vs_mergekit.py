@@ -1,0 +1,121 @@
+"""Streaming merges against mergekit on the same files: `scoremerge merge` and `mergekit-yaml`
+(mergekit 0.1.5, pinned) on generated Llama-shaped checkpoints (bench/llama_checkpoints.py),
+task arithmetic and TIES (per tensor, so mergekit's and scoremerge's trimming agree), each under
+/usr/bin/time -v: wall time, input GB/s, peak resident memory, and how far apart the results
+are. The page cache is warmed by a read of every input first (both tools then read from
+memory); the cold read rate of the disk is measured on its own where the cache can be dropped.
+Writes bench/results/streaming_vs_mergekit.json.
+
+    python bench/streaming_vs_mergekit.py [--layers 4 --hidden 2048 --vocab 32000] [--work DIR]
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from harness import environment, RESULTS
+from llama_checkpoints import write_llama_family
+from scoremerge.io import load_state_dict
+
+CASES = {
+    "task_arithmetic": ({}, [], {"weight": 1.0}),
+    "ties": ({"normalize": True}, ["--option", "scope=tensor", "density=0.5"],
+             {"weight": 1.0, "density": 0.5}),
+}
+
+
+def mergekit_config(method, folders, path):
+    """A mergekit YAML for `method` over base folders[0] and experts folders[1:]."""
+    global_params, _, per_model = CASES[method]
+    lines = [f"merge_method: {method}", f"base_model: {folders[0]}", "dtype: float32",
+             "models:"]
+    for f in folders[1:]:
+        lines += [f"  - model: {f}", f"    parameters: {json.dumps(per_model)}"]
+    if global_params:
+        lines.append(f"parameters: {json.dumps(global_params)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def timed(cmd):
+    """(seconds, peak RSS in bytes) of a command run under /usr/bin/time -v."""
+    start = time.perf_counter()
+    run = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if run.returncode:
+        sys.exit(f"{' '.join(cmd)} failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+    peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr).group(1))
+    return seconds, peak * 1024
+
+
+def warm(folders):
+    """Read every input file once so both tools find it in the page cache."""
+    for f in folders:
+        for p in sorted(f.glob("*.safetensors")):
+            with open(p, "rb") as fh:
+                while fh.read(1 << 26):
+                    pass
+
+
+def difference(a, b):
+    """Largest relative Frobenius difference over keys between two merged folders."""
+    x, y = load_state_dict(a), load_state_dict(b)
+    assert set(x) == set(y), "the two merges hold different keys"
+    return max(((x[k].double() - y[k].double()).norm() / y[k].double().norm().clamp_min(1e-30))
+               .item() for k in y)
+
+
+def run_case(method, folders, work, input_bytes):
+    out_mk, out_sm = work / f"mergekit-{method}", work / f"scoremerge-{method}"
+    config = mergekit_config(method, folders, work / f"{method}.yml")
+    warm(folders)
+    mk_s, mk_rss = timed([str(Path(sys.executable).parent / "mergekit-yaml"), str(config),
+                          str(out_mk), "--allow-crimes"] + (["--overwrite"] if out_mk.exists()
+                                                            else []))
+    warm(folders)
+    sm_s, sm_rss = timed([sys.executable, "-m", "scoremerge", "merge", "--base", str(folders[0]),
+                          "--experts", *map(str, folders[1:]), "--method", method,
+                          *CASES[method][1], "--out", str(out_sm), "--overwrite",
+                          "--no-progress"])
+    return {"method": method, "inputs_GB": input_bytes / 1e9,
+            "mergekit_s": mk_s, "scoremerge_s": sm_s, "speedup": mk_s / sm_s,
+            "mergekit_GBps": input_bytes / 1e9 / mk_s, "scoremerge_GBps": input_bytes / 1e9 / sm_s,
+            "mergekit_peak_rss_GB": mk_rss / 1e9, "scoremerge_peak_rss_GB": sm_rss / 1e9,
+            "max_relative_difference": difference(out_sm, out_mk)}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--intermediate", type=int, default=5632)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--methods", nargs="+", default=list(CASES))
+    p.add_argument("--work", default="/tmp/scoremerge-vs-mergekit")
+    a = p.parse_args()
+    work = Path(a.work)
+    folders = write_llama_family(work / "models", layers=a.layers, hidden=a.hidden,
+                                 intermediate=a.intermediate, vocab=a.vocab, experts=3)
+    input_bytes = sum(p.stat().st_size for f in folders for p in f.glob("*.safetensors"))
+    load_before = os.getloadavg()[0]
+    rows = [run_case(m, folders, work, input_bytes) for m in a.methods]
+    for r in rows:
+        print(json.dumps(r))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "streaming_vs_mergekit.json").write_text(json.dumps(
+        {**environment("cpu"), "command": " ".join(["python"] + sys.argv),
+         "model": {"layers": a.layers, "hidden": a.hidden, "intermediate": a.intermediate,
+                   "vocab": a.vocab, "experts": 3, "dtype": "float32"},
+         "load_average": {"before": load_before, "after": os.getloadavg()[0]},
+         "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()
