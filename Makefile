@@ -6,12 +6,12 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test bench clean
 
-$(BIN)/scoremerge: pyproject.toml setup.py
+$(BIN)/scoremerge: pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch pinned first: a CPU machine gets the CPU build, not a multi-GB CUDA one
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,demo]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,demo]'
 	touch $@
 
 demo: $(BIN)/scoremerge
