@@ -72,8 +72,9 @@ def make_pool(tasks, layers, seed=0):
             for p in expert.parameters():
                 if p.ndim == 2:
                     r = max(1, min(p.shape) // 8)
-                    update = (torch.randn(p.shape[0], r, generator=g) @ torch.randn(r, p.shape[1], generator=g)
-                              / r + 0.1 * torch.randn(p.shape, generator=g))
+                    low_rank = (torch.randn(p.shape[0], r, generator=g)
+                                @ torch.randn(r, p.shape[1], generator=g)) / r
+                    update = low_rank + 0.1 * torch.randn(p.shape, generator=g)
                 else:
                     update = torch.randn(p.shape, generator=g)
                 p.add_(1e-3 * update)
@@ -87,7 +88,8 @@ def run_once(algorithm, models, device):
     pool = BaseModelPool({name: copy.deepcopy(m) if name == "_pretrained_" else m
                           for name, m in models.items()})
     algorithm._fabric_instance = L.Fabric(accelerator=device, devices=1)
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):   # FusionBench prints per key
+    # FusionBench prints a line per key
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
         start = time.perf_counter()
         merged = algorithm.run(pool)
         seconds = time.perf_counter() - start
@@ -149,7 +151,8 @@ def main():
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--out", default=None, help="results name (default fusion_bench_vit_b16_<device>)")
+    parser.add_argument("--out", default=None,
+                        help="results name (default fusion_bench_vit_b16_<device>)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

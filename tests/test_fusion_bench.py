@@ -74,7 +74,8 @@ def make_models(T, seed, values=None):
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     base = TinyViT().double()
-    draw = values or (lambda shape, gen: 0.1 * torch.randn(shape, generator=gen, dtype=torch.float64))
+    draw = values or (lambda shape, gen: 0.1 * torch.randn(shape, generator=gen,
+                                                           dtype=torch.float64))
     models = {"_pretrained_": base}
     for t in range(T):
         expert = copy.deepcopy(base)
@@ -162,7 +163,8 @@ EXACT_CASES = {
     "ties_max": lambda: _ties("max", 0.37),
     "task_arithmetic": lambda: (fb.TaskArithmeticAlgorithm(scaling_factor=0.3),
                                 sm.TaskArithmeticAlgorithm(scaling_factor=0.3)),
-    "magmax": lambda: (fb.MagMaxAlgorithm(scaling_factor=0.3), sm.MagMaxAlgorithm(scaling_factor=0.3)),
+    "magmax": lambda: (fb.MagMaxAlgorithm(scaling_factor=0.3),
+                       sm.MagMaxAlgorithm(scaling_factor=0.3)),
 }
 
 
@@ -216,8 +218,8 @@ def test_ties_with_removed_keys_matches_fusion_bench_on_the_rest(merge_func):
     models = make_models(3, seed=7)
     base = models["_pretrained_"].state_dict()
     keys = sorted(k for k in base if k not in EXCLUDED)
-    flat = torch.stack([torch.cat([(models[f"t{t}"].state_dict()[k] - base[k]).flatten() for k in keys])
-                        for t in range(3)])
+    flat = torch.stack([torch.cat([(models[f"t{t}"].state_dict()[k] - base[k]).flatten()
+                                   for k in keys]) for t in range(3)])
     with contextlib.redirect_stdout(io.StringIO()):
         merged = ties_merging(flat, reset_thresh=0.2, merge_func=merge_func)
     ours = sm.TiesMergingAlgorithm(scaling_factor=1.0, threshold=0.2, remove_keys=EXCLUDED,
@@ -262,7 +264,8 @@ def test_a_target_swap_is_the_whole_migration(name):
 
 def test_shipped_score_config_builds_score():
     with set_print_function_call(False):
-        algorithm = instantiate(OmegaConf.load(sm.CONFIG_DIR / "method" / "scoremerge" / "score.yaml"))
+        algorithm = instantiate(OmegaConf.load(sm.CONFIG_DIR / "method" / "scoremerge"
+                                               / "score.yaml"))
     assert isinstance(algorithm, sm.ScoreMergingAlgorithm) and algorithm.variant == "full"
 
 
@@ -298,12 +301,14 @@ def test_fusion_bench_command_line_runs_the_shipped_config(tmp_path, monkeypatch
                     "method.merge_func=sum", "method.fusion_bench_compat=true", "modelpool=tiny",
                     "taskpool=dummy", f"merged_model_save_path={out}",
                     f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path, env=env, check=True,
-                   capture_output=True, timeout=300)
+                   capture_output=True, timeout=600)     # a hang guard; quiet: ~8 s
     monkeypatch.syspath_prepend(str(tmp_path))
     import tiny_factory
-    models = {n: tiny_factory.model(s) for n, s in (("_pretrained_", 0), ("a", 1), ("b", 2), ("c", 3))}
-    _, want = merged_update(fb.TiesMergingAlgorithm(scaling_factor=0.3, threshold=20, remove_keys=[],
-                                                    merge_func="sum"), models)
+    models = {n: tiny_factory.model(s)
+              for n, s in (("_pretrained_", 0), ("a", 1), ("b", 2), ("c", 3))}
+    theirs = fb.TiesMergingAlgorithm(scaling_factor=0.3, threshold=20, remove_keys=[],
+                                     merge_func="sum")
+    _, want = merged_update(theirs, models)
     got = torch.load(out, weights_only=True)
     assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
 

@@ -157,7 +157,8 @@ def test_ties_zero_sign_majority_in_both_paths(scope):
     tvs = [{k: torch.randint(-2, 3, s, generator=g).double() for k, s in shapes.items()}
            for _ in range(4)]
     opts = {"density": 0.9, "scope": scope, "zero_sign": "majority"}
-    fast, want = scoremerge.merge_task_vectors(tvs, "ties", **opts), ref.merge_task_vectors(tvs, "ties", **opts)
+    fast = scoremerge.merge_task_vectors(tvs, "ties", **opts)
+    want = ref.merge_task_vectors(tvs, "ties", **opts)
     zero = scoremerge.merge_task_vectors(tvs, "ties", density=0.9, scope=scope)
     for key in shapes:
         assert torch.equal(fast[key], want[key]), key
