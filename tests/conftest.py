@@ -22,7 +22,8 @@ def random_task_vectors(shapes, T, seed, dtype=torch.float64, scale=1.0):
 
 
 # Tall, wide, square, odd sizes, repeated shapes (batched together), a 1-D key, and a 2-D key
-# too thin for three tasks (the mean path for SCORE and TSV-M; Iso-C and Iso-CTS merge it isotropically).
+# too thin for three tasks (the mean path for SCORE and TSV-M; Iso-C and Iso-CTS merge it
+# isotropically).
 MIXED_SHAPES = {"blocks.0.qkv": (45, 15), "blocks.1.qkv": (45, 15), "blocks.0.proj": (15, 15),
                 "blocks.0.fc1": (29, 15), "blocks.0.fc2": (15, 29), "wide": (7, 33),
                 "blocks.0.norm": (15,), "pos_embed": (2, 15), "head": (10, 15)}

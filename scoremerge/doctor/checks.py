@@ -203,8 +203,9 @@ def _short(error):
 
 # ---- end to end: one merge per method through auto ---------------------------------------------
 
-# too thin for three tasks (the mean path for SCORE and TSV-M; Iso-C and Iso-CTS merge it isotropically).
-# too thin for three tasks (the mean path).
+# Tall, wide, square, odd sizes, two keys of one shape (batched together), vectors, and a 2-D key
+# too thin for three tasks (the mean path for SCORE and TSV-M; Iso-C and Iso-CTS merge it
+# isotropically).
 MERGE_SHAPES = {"blocks.0.qkv": (45, 15), "blocks.1.qkv": (45, 15), "blocks.0.proj": (15, 15),
                 "blocks.0.fc1": (29, 15), "blocks.0.fc2": (15, 29), "wide": (7, 33),
                 "blocks.0.norm": (15,), "pos_embed": (2, 15), "head": (10, 15)}
