@@ -65,7 +65,8 @@ def merge_checkpoints(base, experts, out, method="score", *, alpha=1.0, exclude=
     memory; batches hold at most 256 MiB of inputs). An entrywise method (mean, task arithmetic,
     MagMax) splits a key larger than a batch into spans of its entries, so the budget holds
     whatever the key sizes; other methods need a key whole, and a key larger than the budget is
-    a batch of its own. max_shard_size: output shard size. resume: finish an interrupted merge of the same inputs and settings.
+    a batch of its own. max_shard_size: output shard size. resume: finish an interrupted merge
+    of the same inputs and settings.
     side_files: paths, or (name, path) pairs from io.access.side_files, copied beside the
     weights. Methods must merge keys independently: TIES with scope="global" ranks entries over
     the whole model and is refused here (use scope="tensor", or the in-memory api.merge).
