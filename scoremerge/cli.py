@@ -22,6 +22,7 @@ from .errors import BackendUnavailableError, MergeInputError, shown, shown_path
 from .io.access import check_output, output_lock, side_files
 from .io.checkpoint import WEIGHT_FILES, Checkpoint
 from .io.write import check_writable, write_folder
+from .lora.files import experts_are_adapters
 from .streaming import merge_checkpoints, streaming_refusal
 from .validate import check_models, exclude_patterns
 
@@ -87,7 +88,9 @@ def _parser():
     m.add_argument("--config", metavar="FILE",
                    help="YAML or JSON file of these settings (flags given here override it)")
     m.add_argument("--base", help="base model: .safetensors, .pt/.bin, or HF folder")
-    m.add_argument("--experts", nargs="+", help="fine-tuned models, same format")
+    m.add_argument("--experts", nargs="+",
+                   help="fine-tuned models, same format; or PEFT LoRA adapter folders of the base, "
+                        "merged in factored form")
     m.add_argument("--method", default="score", help="merge method (see `scoremerge methods`)")
     m.add_argument("--alpha", default=1.0, type=float, help="merged = base + alpha * tau")
     m.add_argument("--exclude", nargs="*", default=[], metavar="PATTERN",
@@ -118,6 +121,12 @@ def _parser():
                         "refusing")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
     m.add_argument("--out", help="output folder (HF layout, safetensors)")
+    m.add_argument("--out-adapter", metavar="DIR",
+                   help="with LoRA experts, instead of --out: write the merged update as a PEFT "
+                        "adapter folder (rank: the merged rank, at most the sum of the experts')")
+    m.add_argument("--adapter-rank", type=int, metavar="N",
+                   help="with --out-adapter: truncate every merged module to rank N (the "
+                        "truncation error is reported)")
     m.set_defaults(run=_merge, **CLI_UNSET)      # untyped flags stay None: a --config shows through
 
     ls = sub.add_parser("methods", help="list merge methods with their options")
@@ -152,6 +161,12 @@ def _parser():
 
 def _merge(args):
     settings = merge_settings_from(args)
+    if experts_are_adapters(settings.experts):
+        return _merge_adapters(settings)
+    if settings.out_adapter is not None or settings.adapter_rank is not None:
+        flag = "--out-adapter" if settings.out_adapter is not None else "--adapter-rank"
+        raise MergeInputError(f"{flag} needs LoRA adapters as --experts (folders with "
+                              "adapter_config.json); these experts are full models")
     why_not = streaming_refusal(settings)
     if why_not is None:
         args.resumable = True          # an interruption from here on keeps completed shards
@@ -221,6 +236,39 @@ def _merge_in_memory(args):
             checkpoint.close()
     print(f"merged {len(args.experts)} experts with {args.method} in {seconds:.2f} s -> "
           f"{args.out}")
+    return 0
+
+
+# Flags of the full-model merges that a LoRA merge (in memory, on the CPU) has no use for.
+_NOT_FOR_ADAPTERS = {"stream": "--stream", "resume": "--resume",
+                     "max_gpu_memory": "--max-gpu-memory", "max_memory": "--max-memory",
+                     "allow_nonfinite": "--allow-nonfinite", "weights": "per-expert weights"}
+
+
+def _merge_adapters(args):
+    """LoRA experts: merged in factored form (scoremerge.lora) into a full model or an adapter."""
+    from .lora import merge_adapter_checkpoints
+    given = [flag for name, flag in _NOT_FOR_ADAPTERS.items() if getattr(args, name)]
+    if given:
+        raise MergeInputError(f"{given[0]} is not supported when the experts are LoRA adapters "
+                              "(their merge runs in memory, factored)")
+    if args.device not in (None, "cpu"):
+        raise MergeInputError(f"--device {shown(args.device)}: LoRA adapters are merged on the "
+                              "CPU (every decomposition is of a rank-sized matrix)")
+    if args.adapter_rank is not None and args.out_adapter is None:
+        raise MergeInputError("--adapter-rank truncates a merged adapter: it needs --out-adapter")
+    output = "adapter" if args.out_adapter is not None else "full"
+    out = args.out_adapter if output == "adapter" else args.out
+    stats = merge_adapter_checkpoints(
+        args.base, args.experts, out, args.method, alpha=args.alpha, output=output,
+        rank=args.adapter_rank, exclude=exclude_patterns(args.exclude), dtype=args.dtype,
+        backend=args.backend, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+        metadata={"backend": args.backend}, **args.option)
+    what = "model" if output == "full" else f"adapter of rank <= {stats['rank']}"
+    truncated = f", largest truncation error {stats['max_error']:.3g}" \
+        if args.adapter_rank is not None else ""
+    print(f"merged {len(args.experts)} LoRA experts with {args.method} ({stats['keys']} modules, "
+          f"factored) in {stats['seconds']:.2f} s{truncated} -> {what} {out}")
     return 0
 
 

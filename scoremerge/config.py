@@ -15,7 +15,7 @@ The file has one key per `merge` flag (FILE_KEYS; `--max-shard-size` is `max_sha
     max_shard_size: 5GB
     out: merged/
 
-Paths in a file (base, experts, out) are relative to the file's folder, so a config travels
+Paths in a file (base, experts, out, out_adapter) are relative to the file's folder, so a config travels
 with its models; paths on the command line stay relative to the current folder.
 
 Flags given on the command line override the file: each replaces the file's value, except
@@ -45,8 +45,9 @@ FILE_KEYS = {
     "max_memory": "max_memory",
     "overwrite": "overwrite", "no_progress": "no_progress", "resume": "resume",
     "stream": "stream", "allow_nonfinite": "allow_nonfinite", "out": "out",
+    "out_adapter": "out_adapter", "adapter_rank": "adapter_rank",
 }
-REQUIRED = ("base", "experts", "out")
+REQUIRED = ("base", "experts")          # and one of out, out_adapter
 MAX_CONFIG_BYTES = 1 << 20
 # For cli.py: `set_defaults(**CLI_UNSET)` keeps a flag that was not typed at None, so that the
 # file's value (or MergeSettings' default) shows through instead of argparse's default.
@@ -56,10 +57,13 @@ CLI_UNSET = dict.fromkeys(FILE_KEYS)
 @dataclass(frozen=True)
 class MergeSettings:
     """Everything `scoremerge merge` needs, validated: one field per flag, same names, plus the
-    per-expert weights (one per expert, or None), which only a file can give."""
+    per-expert weights (one per expert, or None), which only a file can give. Exactly one of
+    out (a model folder) and out_adapter (a PEFT adapter folder: LoRA experts only) is set."""
     base: str
     experts: tuple
-    out: str
+    out: str = None
+    out_adapter: str = None
+    adapter_rank: int = None
     weights: tuple = None
     method: str = "score"
     alpha: float = 1.0
@@ -186,10 +190,18 @@ def _validate(file_values, given, path):
             value, weights = _experts(value, label, root)
         else:
             value = _CHECKS[dest](value, label)
-            if dest in ("base", "out"):
+            if dest in ("base", "out", "out_adapter"):
                 value = _resolve(value, root)
         settings[dest] = value
 
+    if "out" in settings and "out_adapter" in settings:
+        raise MergeInputError(f"{labels['out']} and {labels['out_adapter']}: give one of them, "
+                              "not both")
+    if "out" not in settings and "out_adapter" not in settings:
+        raise MergeInputError(
+            f"{path}: missing required key 'out' (or give --out), or out_adapter for a merged "
+            "LoRA adapter" if path else "--out is required (or give it in a --config file), or "
+            "--out-adapter for a merged LoRA adapter")
     method = settings.get("method", MergeSettings.method)
     spec = _with_label(labels.get("method", "method"), get, method)
     if weights is not None and not getattr(spec, "takes_weights", False):
@@ -298,6 +310,12 @@ def _patterns(value, label):
     return tuple(value)
 
 
+def _positive_int(value, label):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _type_error(label, "a positive integer", value)
+    return value
+
+
 def _size(value, label):
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise _type_error(label, "a size such as 5GB", value)
@@ -323,7 +341,8 @@ def _or_none(check):
 
 
 _CHECKS = {
-    "base": _string, "out": _string, "method": _string, "alpha": _number,
+    "base": _string, "out": _string, "out_adapter": _string, "method": _string,
+    "alpha": _number, "adapter_rank": _or_none(_positive_int),
     "exclude": _patterns, "option": _mapping, "device": _or_none(_device),
     "dtype": _or_none(_choice(sorted(COMPUTE_DTYPES))),
     "backend": _choice(BACKENDS + ("reference",)),
