@@ -9,7 +9,7 @@ from .backend import requested
 from .errors import MergeInputError, shown
 from .kernels.torch.cores import parallel_map
 from .methods import all_methods, get
-from .methods.entrywise import merge_key
+from .methods.entrywise import merge_key, plus
 from .methods.routing import excluded, routes_to_matrix, shape_groups
 from .validate import all_finite, check_device, check_models, exclude_patterns, overflow_error
 
@@ -30,11 +30,14 @@ def task_vectors(base, experts):
     return _task_vectors(base, experts)
 
 
-def merge_task_vectors(task_vectors, method="score", *, exclude=(), backend="auto", device=None,
-                       dtype=None, progress=False, allow_nonfinite=False, **options):
+def merge_task_vectors(task_vectors, method="score", *, weights=None, exclude=(), backend="auto",
+                       device=None, dtype=None, progress=False, allow_nonfinite=False, **options):
     """Merge T task vectors (dicts key -> float tensor, same keys and shapes) into one.
 
     method: a name from methods(); options: that method's options (methods()[name].defaults).
+    weights: one number per task vector (default all 1). mean: sum_t w_t tau_t / sum_t w_t;
+    TIES: each task's kept values scaled by w_t, the disjoint mean weighted; every other method
+    merges the scaled task vectors w_t tau_t (the SVD methods decompose them scaled).
     exclude: regular expressions; matching keys take the mean path (ALGORITHMS.md).
     backend: auto | cuda | triton | torch, or "reference" for scoremerge.ref's per-key loops.
     device: where to compute (inputs may live anywhere); results come back on the inputs' device.
@@ -46,56 +49,119 @@ def merge_task_vectors(task_vectors, method="score", *, exclude=(), backend="aut
     """
     tvs = list(task_vectors)
     spec, opts = checked_method(method, options, len(tvs))
+    if spec.on_models:
+        raise MergeInputError(f"method {method!r} merges the experts' weights, not task vectors: "
+                              "use merge()")
+    weights = checked_weights(weights, len(tvs), spec, opts)
     check_models(tvs, [f"task vector {i}" for i in range(len(tvs))], floating_only=True)
-    merged = _merge(tvs, spec, opts, exclude_patterns(exclude), backend, device, dtype, progress)
+    merged = _merge(tvs, spec, opts, exclude_patterns(exclude), backend, device, dtype, progress,
+                    weights)
     return merged if allow_nonfinite else _finite(merged, "task vector")
 
 
-def merge(base, experts, method="score", *, alpha=1.0, exclude=(), backend="auto", device=None,
-          dtype=None, progress=False, allow_nonfinite=False, **options):
+def merge(base, experts, method="score", *, weights=None, alpha=1.0, exclude=(), backend="auto",
+          device=None, dtype=None, progress=False, allow_nonfinite=False, **options):
     """The merged model base + alpha * merge_task_vectors(task_vectors(base, experts), ...).
 
     Floating-point keys come back in the base's dtype; other keys are copied from the base. A
     merged value that is not finite in the base's dtype (an fp16 base whose update overflows
-    it) raises MergeInputError naming the key, unless allow_nonfinite.
+    it) raises MergeInputError naming the key, unless allow_nonfinite. weights: one number per
+    expert, as merge_task_vectors takes them (linear: the weighted average of the experts).
 
     >>> merged = merge(base, [expert1, expert2, expert3], "score", alpha=1.0)
+    >>> merged = merge(base, [math, code], "ties", weights=[0.7, 0.3], density=[0.5, 0.3])
     """
     experts = list(experts)
     _require_experts(experts)                 # before the method, so the message says what is missing
     spec, opts = checked_method(method, options, len(experts))
+    weights = checked_weights(weights, len(experts), spec, opts)
     _check_base_and_experts(base, experts)
-    return merge_checked(base, experts, spec, opts, alpha=checked_alpha(alpha),
+    return merge_checked(base, experts, spec, opts, weights=weights, alpha=checked_alpha(alpha),
                          exclude=exclude_patterns(exclude), backend=backend, device=device,
                          dtype=dtype, progress=progress, allow_nonfinite=allow_nonfinite)
 
 
-def merge_checked(base, experts, spec, opts, *, alpha, exclude, backend="auto", device=None,
-                  dtype=None, progress=False, allow_nonfinite=False, names=None):
+def merge_checked(base, experts, spec, opts, *, alpha, exclude, weights=None, backend="auto",
+                  device=None, dtype=None, progress=False, allow_nonfinite=False, names=None):
     """merge() for callers that have checked everything merge() checks (the CLI, each batch of
-    a streaming merge): spec and opts from checked_method, alpha from checked_alpha, exclude
+    a streaming merge): spec and opts from checked_method, weights from checked_weights, alpha
+    from checked_alpha, exclude
     from exclude_patterns, the models' keys, shapes and integer keys by check_models. For an
     entrywise method the models' values need no check of their own (methods.entrywise says
     why); otherwise they must have passed check_models' NaN/Inf scan. names: the base's and
     each expert's, for messages."""
     names = names or ["the base"] + [f"expert {i}" for i in range(len(experts))]
-    if spec.entrywise and backend != "reference":
-        return _merge_entrywise(base, experts, spec, opts, alpha, exclude, device, dtype,
+    if spec.on_models:
+        if alpha != 1:
+            raise MergeInputError(f"method {spec.name!r} averages the experts' weights "
+                                  f"themselves; alpha does not apply (got {alpha})")
+        out = _merge_models(base, experts, spec, opts, weights, exclude, backend, device, dtype)
+    elif spec.entrywise and backend != "reference":
+        return _merge_entrywise(base, experts, spec, opts, weights, alpha, exclude, device, dtype,
                                 allow_nonfinite, names, progress)
-    taus = _merge(_task_vectors(base, experts), spec, opts, exclude, backend, device, dtype,
-                  progress)
-    out = {}
-    for key, b in base.items():
-        if key in taus:
-            cdtype = taus[key].dtype
-            out[key] = torch.add(b.to(cdtype), taus[key], alpha=alpha).to(b.dtype)
-        else:
-            out[key] = b.clone()
+    else:
+        taus = _merge(_task_vectors(base, experts), spec, opts, exclude, backend, device, dtype,
+                      progress, weights)
+        out = {}
+        for key, b in base.items():
+            if key in taus:
+                out[key] = plus(b.to(taus[key].dtype), taus[key], alpha).to(b.dtype)
+            else:
+                out[key] = b.clone()
     return out if allow_nonfinite else _finite(out, "merged model")
 
 
-def _merge_entrywise(base, experts, spec, opts, alpha, exclude, device, dtype, allow_nonfinite,
-                     names, progress):
+def _merge_models(base, experts, spec, opts, weights, exclude, backend, device, dtype):
+    """merge_checked for a method over the experts' weights (spec.on_models): per key, in the
+    compute dtype, the excluded keys the plain mean of the experts."""
+    cdtype = _compute_dtype(dtype, any(x.dtype == torch.float64 for m in (base, *experts)
+                                       for x in m.values()))
+    device = check_device(device) if device is not None else None
+    given = {} if weights is None else {"weights": weights}
+    out = {}
+    for key, b in base.items():
+        if not b.is_floating_point():
+            out[key] = b.clone()
+            continue
+        x = torch.stack([e[key].to(device=device or b.device, dtype=cdtype) for e in experts])
+        if excluded(key, exclude):
+            merged = x.mean(dim=0)
+        elif backend == "reference":
+            merged = getattr(ref.methods, spec.name)(list(x), **opts, **given)
+        else:
+            merged = spec.fn({key: x}, **opts,
+                             **({} if weights is None else {"weights": _weight_tensor(weights, x)}))[key]
+        out[key] = merged.to(device=b.device, dtype=b.dtype)
+    return out
+
+
+def checked_weights(weights, n_experts, spec, opts):
+    """The per-expert weights as a tuple of floats (None stays None), or MergeInputError: one
+    finite number per expert, and a non-zero sum where the method divides by it."""
+    if weights is None:
+        return None
+    try:
+        weights = tuple(weights)
+    except TypeError:
+        raise MergeInputError(f"weights must be a list of numbers, got {shown(weights)}") from None
+    if len(weights) != n_experts:
+        raise MergeInputError(f"weights: one per expert: {n_experts} expert(s), "
+                              f"{len(weights)} weight(s)")
+    for i, w in enumerate(weights):
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise MergeInputError(f"weights[{i}] must be a finite number, got {shown(w)}")
+    divides = spec.name == "mean" or (spec.name == "linear" and opts.get("normalize"))
+    if divides and sum(weights) == 0:
+        raise MergeInputError(f"weights sum to 0, and {spec.name} divides by their sum")
+    return tuple(float(w) for w in weights)
+
+
+def _weight_tensor(weights, like):
+    return torch.tensor(weights, dtype=like.dtype, device=like.device)
+
+
+def _merge_entrywise(base, experts, spec, opts, weights, alpha, exclude, device, dtype,
+                     allow_nonfinite, names, progress):
     """merge_checked for an entrywise method: key by key, in chunks (methods.entrywise)."""
     floating = [b for b in base.values() if b.is_floating_point()]
     cdtype = _compute_dtype(dtype, any(x.dtype == torch.float64 for m in (base, *experts)
@@ -108,16 +174,26 @@ def _merge_entrywise(base, experts, spec, opts, alpha, exclude, device, dtype, a
         if not b.is_floating_point():
             out[key] = b.clone()
             continue
-        fn = _mean_rows if excluded(key, exclude) else \
-            (lambda x, key=key: spec.fn({key: x}, **opts)[key])
-        out[key] = merge_key(key, b, [e[key] for e in experts], fn, alpha=alpha,
+        out[key] = merge_key(key, b, [e[key] for e in experts],
+                             _entrywise_fn(key, spec, opts, weights, excluded(key, exclude)),
+                             alpha=alpha,
                              compute_dtype=cdtype, device=device, names=names,
                              allow_nonfinite=allow_nonfinite)
     return out
 
 
-def _mean_rows(x):
-    return x.mean(dim=0)
+def _entrywise_fn(key, spec, opts, weights, is_excluded):
+    """The merge of one chunk x [T, L] of task vectors for methods.entrywise, with the weights
+    applied as _merge applies them."""
+    def fn(x):
+        if weights is not None and not (spec.weighted and not is_excluded):
+            x = x * _weight_tensor(weights, x)[:, None]
+        if is_excluded:
+            return x.mean(dim=0)
+        if weights is not None and spec.weighted:
+            return spec.fn({key: x}, weights=_weight_tensor(weights, x), **opts)[key]
+        return spec.fn({key: x}, **opts)[key]
+    return fn
 
 
 def checked_alpha(alpha):
@@ -164,7 +240,7 @@ def _task_vectors(base, experts):
 def checked_method(method, options, n_tasks):
     """(the registered method, its options parsed with defaults filled in), or MergeInputError."""
     spec = get(method)
-    opts = spec.parse_options(options)
+    opts = spec.parse_options(options, n_tasks)
     if n_tasks < spec.min_tasks:
         raise MergeInputError(f"method {method!r} needs at least {spec.min_tasks} expert(s) / task "
                               f"vector(s), got {n_tasks}")
@@ -181,23 +257,26 @@ def _compute_dtype(dtype, wide):
     return resolved
 
 
-def _merge(tvs, spec, opts, exclude, backend, device, dtype, progress):
-    """Merge validated task vectors: matrix groups batched by shape, the rest per the method."""
+def _merge(tvs, spec, opts, exclude, backend, device, dtype, progress, weights=None):
+    """Merge validated task vectors: matrix groups batched by shape, the rest per the method;
+    the weights as merge_task_vectors defines them."""
     cdtype = _compute_dtype(dtype, any(x.dtype == torch.float64 for tv in tvs for x in tv.values()))
     first = tvs[0]
     home = next(iter(first.values())).device if first else torch.device("cpu")
     device = check_device(device) if device is not None else home
     keys = list(first)
 
-    def stacked(key):
-        return torch.stack([tv[key].to(device=device, dtype=cdtype) for tv in tvs])
+    def stacked(key, scaled=True):
+        x = torch.stack([tv[key].to(device=device, dtype=cdtype) for tv in tvs])
+        return x * _weight_tensor(weights, x).reshape(-1, *([1] * (x.ndim - 1))) \
+            if scaled and weights is not None else x
 
     def store(key, value):
         out[key] = value.to(device=home, dtype=first[key].dtype)
 
     if backend == "reference":
         merged = ref.merge_task_vectors([{k: tv[k].to(device, cdtype) for k in keys} for tv in tvs],
-                                        spec.name, exclude=exclude, **opts)
+                                        spec.name, exclude=exclude, weights=weights, **opts)
         out = {}
         for key in keys:
             store(key, merged[key])
@@ -229,7 +308,10 @@ def _merge(tvs, spec, opts, exclude, backend, device, dtype, progress):
             bar.update(1)
     else:
         chosen = [k for k in keys if not excluded(k, exclude)]
-        for key, value in spec.fn({k: stacked(k) for k in chosen}, **opts).items():
+        given = {"weights": torch.tensor(weights, dtype=cdtype, device=device)} \
+            if spec.weighted and weights is not None else {}
+        for key, value in spec.fn({k: stacked(k, scaled=not given) for k in chosen},
+                                  **opts, **given).items():
             store(key, value)
         bar.update(len(chosen))
         for key in keys:

@@ -1,4 +1,4 @@
-"""The command line: scoremerge merge | methods | demo | example.
+"""The command line: scoremerge merge | methods | demo | example | mergekit | doctor.
 
 Every failure ends in one line on stderr: exit 2 for bad input (the message names it), 1 for a
 failure of scoremerge itself (with where to report it; SCOREMERGE_DEBUG=1 shows the traceback),
@@ -35,8 +35,12 @@ class _Terminated(KeyboardInterrupt):
 
 def main(argv=None):
     parser = _parser()
-    args = parser.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)
+    given = sys.argv[1:] if argv is None else list(argv)
+    if given[:1] == ["mergekit"]:      # every later argument is mergekit-yaml's, --help too
+        args = argparse.Namespace(run=_mergekit, mergekit_args=given[1:])
+    else:
+        args = parser.parse_args(given)
+    args.argv = given
     args.resumable = False
     previous = _on_sigterm_raise()
     try:
@@ -92,6 +96,9 @@ def _parser():
                    help="fine-tuned models, same format; or PEFT LoRA adapter folders of the base, "
                         "merged in factored form")
     m.add_argument("--method", default="score", help="merge method (see `scoremerge methods`)")
+    m.add_argument("--weights", nargs="+", type=float, metavar="W",
+                   help="one weight per expert: mean and linear average with them, TIES weighs "
+                        "the kept values, the other methods merge the scaled task vectors")
     m.add_argument("--alpha", default=1.0, type=float, help="merged = base + alpha * tau")
     m.add_argument("--exclude", nargs="*", default=[], metavar="PATTERN",
                    help="regular expressions; matching keys take the mean path")
@@ -154,6 +161,11 @@ def _parser():
     ex.add_argument("--seed", default=0, type=int)
     ex.set_defaults(run=_example)
 
+    mk = sub.add_parser("mergekit", add_help=False,
+                        help="run mergekit-yaml CONFIG OUT [flags] with scoremerge's methods "
+                             "(score, tsv, iso_c, iso_cts, magmax) registered in mergekit")
+    mk.add_argument("mergekit_args", nargs=argparse.REMAINDER)   # main() passes them on as given
+
     from .doctor import add_parser as add_doctor_parser    # its run returns doctor's 0 or 1
     add_doctor_parser(sub)
     return parser
@@ -161,6 +173,8 @@ def _parser():
 
 def _merge(args):
     settings = merge_settings_from(args)
+    for note in settings.notes:
+        print(f"scoremerge: mergekit config: {note}", file=sys.stderr)
     if experts_are_adapters(settings.experts):
         return _merge_adapters(settings)
     if settings.out_adapter is not None or settings.adapter_rank is not None:
@@ -183,12 +197,13 @@ def _merge_streaming(args):
     start = time.perf_counter()
     copied = _side_files(args.base)
     stats = merge_checkpoints(
-        args.base, args.experts, args.out, args.method, alpha=args.alpha, exclude=args.exclude,
+        args.base, args.experts, args.out, args.method, weights=args.weights, alpha=args.alpha,
+        exclude=args.exclude,
         backend=args.backend, device=args.device, dtype=args.dtype,
         max_gpu_memory=args.max_gpu_memory, max_memory=args.max_memory,
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress,
-        metadata={"backend": args.backend}, side_files=copied,
+        metadata={"backend": args.backend, **_schema(args)}, side_files=copied,
         allow_nonfinite=args.allow_nonfinite, **args.option)
     seconds = time.perf_counter() - start
     rank = f" (rank {stats['rank']} of {stats['ranks']})" if stats["ranks"] > 1 else ""
@@ -217,18 +232,20 @@ def _merge_in_memory(args):
                 checkpoint.check_unchanged()
                 checkpoint.close()
             spec, opts = api.checked_method(args.method, args.option, len(args.experts))
+            weights = api.checked_weights(args.weights, len(args.experts), spec, opts)
             check_models(models, names, values=not spec.entrywise)
             start = time.perf_counter()
             merged = api.merge_checked(
-                models[0], models[1:], spec, opts, alpha=args.alpha,
+                models[0], models[1:], spec, opts, weights=weights, alpha=args.alpha,
                 exclude=exclude_patterns(args.exclude), backend=args.backend, device=args.device,
                 dtype=args.dtype, progress=not args.no_progress,
                 allow_nonfinite=args.allow_nonfinite, names=names)
             seconds = time.perf_counter() - start
             metadata = {"method": args.method, "options": json.dumps(args.option, sort_keys=True),
+                        **({} if weights is None else {"weights": json.dumps(weights)}),
                         "alpha": args.alpha, "exclude": json.dumps(list(args.exclude)),
                         "base": args.base, "experts": json.dumps(list(args.experts)),
-                        "backend": args.backend}
+                        "backend": args.backend, **_schema(args)}
             write_folder(merged, args.out, metadata=metadata, max_shard_size=args.max_shard_size,
                          overwrite=args.overwrite, extra_files=copied)
     finally:
@@ -272,6 +289,11 @@ def _merge_adapters(args):
     return 0
 
 
+def _schema(settings):
+    """Metadata saying the settings came from a mergekit config (so with its conventions)."""
+    return {"config_schema": settings.schema} if settings.schema != "scoremerge" else {}
+
+
 def _side_files(base):
     """The base folder's configs and tokenizers to copy; each one refused by io.access is named
     on stderr, so a missing tokenizer in the output is never a surprise."""
@@ -304,6 +326,16 @@ def _demo(args):
     run_demo(config, out=args.out, cache_dir=cache, retrain=args.retrain,
              command=shlex.join(["scoremerge", *args.argv]))
     return 0
+
+
+def _mergekit(args):
+    from .integrations.mergekit import run_mergekit
+    try:
+        return run_mergekit(args.mergekit_args)
+    except ModuleNotFoundError as e:
+        if e.name != "mergekit":
+            raise
+        raise MergeInputError(str(e)) from None
 
 
 def _example(args):

@@ -15,8 +15,11 @@ The file has one key per `merge` flag (FILE_KEYS; `--max-shard-size` is `max_sha
     max_shard_size: 5GB
     out: merged/
 
-Paths in a file (base, experts, out, out_adapter) are relative to the file's folder, so a config travels
-with its models; paths on the command line stay relative to the current folder.
+Paths in a file (base, experts, out, out_adapter) are relative to the file's folder, so a
+config travels with its models; paths on the command line stay relative to the current folder.
+
+A mergekit config (one with `merge_method`) is read too: mergekit_yaml translates it, with
+mergekit's conventions, and its paths are relative to the current folder, as in mergekit.
 
 Flags given on the command line override the file: each replaces the file's value, except
 --option, whose KEY=VALUE pairs override the file's `options` one key at a time. Giving
@@ -34,6 +37,7 @@ from .api import COMPUTE_DTYPES
 from .backend import BACKENDS
 from .errors import MergeInputError, shown
 from .io.write import DEFAULT_MAX_SHARD_SIZE, parse_size
+from .mergekit_yaml import is_mergekit_config, translate
 from .methods import get
 from .validate import check_device
 
@@ -45,7 +49,7 @@ FILE_KEYS = {
     "max_memory": "max_memory",
     "overwrite": "overwrite", "no_progress": "no_progress", "resume": "resume",
     "stream": "stream", "allow_nonfinite": "allow_nonfinite", "out": "out",
-    "out_adapter": "out_adapter", "adapter_rank": "adapter_rank",
+    "out_adapter": "out_adapter", "adapter_rank": "adapter_rank", "weights": "weights",
 }
 REQUIRED = ("base", "experts")          # and one of out, out_adapter
 MAX_CONFIG_BYTES = 1 << 20
@@ -56,8 +60,9 @@ CLI_UNSET = dict.fromkeys(FILE_KEYS)
 
 @dataclass(frozen=True)
 class MergeSettings:
-    """Everything `scoremerge merge` needs, validated: one field per flag, same names, plus the
-    per-expert weights (one per expert, or None), which only a file can give. Exactly one of
+    """Everything `scoremerge merge` needs, validated: one field per flag, same names; weights:
+    one per expert, or None (--weights, a file's `weights`, or its experts' `weight`). Exactly
+    one of
     out (a model folder) and out_adapter (a PEFT adapter folder: LoRA experts only) is set."""
     base: str
     experts: tuple
@@ -80,6 +85,8 @@ class MergeSettings:
     resume: bool = False
     stream: bool = False
     allow_nonfinite: bool = False
+    schema: str = "scoremerge"      # or "mergekit": the file was a mergekit config (mergekit_yaml)
+    notes: tuple = ()               # what reading a mergekit config chose, for the user
 
 
 def load_merge_config(path):
@@ -134,6 +141,8 @@ def _read(path):
     if not isinstance(data, dict):
         raise MergeInputError(f"{path}: must be a mapping of settings (key: value), "
                               f"got {'an empty file' if data is None else type(data).__name__}")
+    if is_mergekit_config(data):
+        return translate(data, path)
     _known_keys(data, FILE_KEYS.values(), str(path))
     return data
 
@@ -174,11 +183,14 @@ def _validate(file_values, given, path):
         given["option"] = {**_mapping(file_values["options"], f"{path}: options"),
                            **given["option"]}
     settings, labels, weights = {}, {}, None
+    schema = file_values.get("schema", "scoremerge")
+    # mergekit resolves its paths from the current folder; scoremerge's files from their own
+    file_root = None if schema == "mergekit" else Path(path).parent if path else None
     for dest, key in FILE_KEYS.items():
         if dest in given:
             value, label, root = given[dest], "--" + dest.replace("_", "-"), None
         elif key in file_values:
-            value, label, root = file_values[key], f"{path}: {key}", Path(path).parent
+            value, label, root = file_values[key], f"{path}: {key}", file_root
         elif dest in REQUIRED:
             flag = "--" + dest
             raise MergeInputError(f"{path}: missing required key {key!r} (or give {flag})" if path
@@ -188,6 +200,10 @@ def _validate(file_values, given, path):
         labels[dest] = label
         if dest == "experts":
             value, weights = _experts(value, label, root)
+            if weights is not None:
+                labels["weights"] = label
+        elif dest == "weights":
+            continue                                   # after experts: below
         else:
             value = _CHECKS[dest](value, label)
             if dest in ("base", "out", "out_adapter"):
@@ -202,14 +218,34 @@ def _validate(file_values, given, path):
             f"{path}: missing required key 'out' (or give --out), or out_adapter for a merged "
             "LoRA adapter" if path else "--out is required (or give it in a --config file), or "
             "--out-adapter for a merged LoRA adapter")
+    weights = _weights(given, file_values, weights, labels, path, len(settings["experts"]))
     method = settings.get("method", MergeSettings.method)
     spec = _with_label(labels.get("method", "method"), get, method)
-    if weights is not None and not getattr(spec, "takes_weights", False):
-        raise MergeInputError(f"{labels['experts']}: method {spec.name!r} takes no per-expert "
-                              "weights; remove the `weight` entries or pick a method that does")
     settings["option"] = _with_label(labels.get("option", "options"), spec.parse_options,
-                                     settings.get("option", {}))
-    return MergeSettings(**settings, weights=weights)
+                                     settings.get("option", {}), len(settings["experts"]))
+    return MergeSettings(**settings, weights=weights, schema=schema,
+                         notes=tuple(file_values.get("notes", ())))
+
+
+def _weights(given, file_values, inline, labels, path, n_experts):
+    """The per-expert weights: --weights, else the file's `weights` or its experts' `weight`
+    (not both), else None; one per expert."""
+    if "weights" in given:
+        value, label = given["weights"], "--weights"
+    elif "weights" in file_values and "experts" not in given:
+        if inline is not None:
+            raise MergeInputError(f"{path}: weights are given twice: in `weights` and in the "
+                                  "experts' `weight` entries; keep one")
+        value, label = file_values["weights"], f"{path}: weights"
+    else:
+        return inline
+    if not isinstance(value, (list, tuple)):
+        raise _type_error(label, "a list of numbers, one per expert", value)
+    weights = tuple(_number(w, f"{label}[{i}]") for i, w in enumerate(value))
+    if len(weights) != n_experts:
+        raise MergeInputError(f"{label}: one weight per expert: {n_experts} expert(s), "
+                              f"{len(weights)} weight(s)")
+    return weights
 
 
 def _with_label(label, fn, *args):

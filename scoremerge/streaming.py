@@ -49,7 +49,7 @@ GPU_BUDGET_FRACTION = 0.5          # of free GPU memory, when --max-gpu-memory i
 WORKSPACE_FACTOR = 8               # GPU bytes per input byte: f32 copies, SVD workspaces, outputs
 
 
-def merge_checkpoints(base, experts, out, method="score", *, alpha=1.0, exclude=(),
+def merge_checkpoints(base, experts, out, method="score", *, weights=None, alpha=1.0, exclude=(),
                       backend="auto", device=None, dtype=None, max_gpu_memory=None,
                       max_memory=None, max_shard_size="5GB", overwrite=False, resume=False,
                       progress=True, metadata=None, side_files=(), allow_nonfinite=False,
@@ -74,6 +74,7 @@ def merge_checkpoints(base, experts, out, method="score", *, alpha=1.0, exclude=
     start = time.perf_counter()
     experts = list(experts)
     spec, opts = api.checked_method(method, options, len(experts))
+    weights = api.checked_weights(weights, len(experts), spec, opts)
     if spec.name == "ties" and opts.get("scope") == "global":
         raise MergeInputError("ties with scope=global ranks entries over the whole model, which a "
                               "streaming merge never holds; use --option scope=tensor, or merge "
@@ -97,6 +98,7 @@ def merge_checkpoints(base, experts, out, method="score", *, alpha=1.0, exclude=
                                 split=spec.entrywise)
         meta = output_metadata({
             "method": spec.name, "options": json.dumps(opts, sort_keys=True), "alpha": alpha,
+            **({} if weights is None else {"weights": json.dumps(weights)}),
             "exclude": json.dumps(list(exclude)), "base": base,
             "experts": json.dumps([str(e) for e in experts]), **(metadata or {})}, shards,
             side_files)
@@ -105,7 +107,8 @@ def merge_checkpoints(base, experts, out, method="score", *, alpha=1.0, exclude=
 
         def merge(tensors):
             check_models(tensors, names, values=not spec.entrywise)
-            return api.merge_checked(tensors[0], tensors[1:], spec, opts, alpha=alpha,
+            return api.merge_checked(tensors[0], tensors[1:], spec, opts, weights=weights,
+                                     alpha=alpha,
                                      exclude=exclude, backend=backend, device=device,
                                      dtype=dtype, allow_nonfinite=allow_nonfinite, names=names)
 

@@ -55,11 +55,12 @@ def test_progress_bar_counts_keys(capsys):
 
 def test_methods_lists_every_method_with_defaults():
     ms = scoremerge.methods()
-    assert list(ms) == ["mean", "task_arithmetic", "magmax", "ties", "score", "tsv", "iso_c",
-                        "iso_cts"]
+    assert list(ms) == ["mean", "linear", "task_arithmetic", "magmax", "ties", "score", "tsv",
+                        "iso_c", "iso_cts"]
     assert ms["score"].defaults == {"variant": "full", "trim_multiplier": 1.96, "trim_per_task": True}
     assert ms["ties"].defaults == {"density": 0.2, "scope": "global", "disjoint": "mean",
-                                   "zero_sign": "zero"}
+                                   "zero_sign": "zero", "trim": "threshold"}
+    assert ms["linear"].defaults == {"normalize": True} and ms["linear"].on_models
     assert ms["iso_cts"].defaults == {"common_space_fraction": 0.8}
 
 

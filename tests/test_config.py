@@ -2,7 +2,6 @@
 error by its message, relative paths, command-line overrides, and the flag <-> key map."""
 import dataclasses
 import json
-import types
 
 import pytest
 
@@ -111,8 +110,10 @@ ERRORS = [
     ("experts: [{path: a, wieght: 1}]\n",
      r"experts\[0\]: unknown key 'wieght' .*did you mean 'weight'\?"),
     ("experts: [{weight: 1}]\n", r"experts\[0\]: missing 'path'"),
-    ("experts: [{path: a, weight: 0.3}, {path: b, weight: 0.7}]\n",
-     r"experts: method 'score' takes no per-expert weights"),
+    ("experts: [a, b]\nweights: [1, 2, 3]\n", r"weights: one weight per expert: 2 expert\(s\), 3"),
+    ("experts: [a, b]\nweights: 0.5\n", r"weights: must be a list of numbers"),
+    ("experts: [{path: a, weight: 1}, {path: b, weight: 2}]\nweights: [1, 2]\n",
+     r"weights are given twice"),
     ("method: scor\n", r"method: unknown method 'scor' .*did you mean 'score'\?"),
     ("options: {variant: diagonal}\n",
      r"options: option 'variant' of method 'score' must be one of .*got 'diagonal'"),
@@ -175,13 +176,17 @@ def test_missing_file(tmp_path):
         load_merge_config(tmp_path / "nope.yaml")
 
 
-def test_weights_kept_for_a_method_that_takes_them(tmp_path, monkeypatch):
-    score = get("score")          # no registered method takes weights yet: pretend one does
-    monkeypatch.setattr(config, "get", lambda name: types.SimpleNamespace(
-        name=name, parse_options=score.parse_options, takes_weights=True))
+def test_weights_from_the_experts_a_list_or_the_command_line(tmp_path):
     cfg = _write(tmp_path, "base: b\nexperts: [{path: a, weight: 0.3}, {path: c, weight: 1}]\n"
                            "out: o\n")
     assert load_merge_config(cfg).weights == (0.3, 1.0)
+    cfg = _write(tmp_path, "base: b\nexperts: [a, c]\nweights: [2, -1]\nmethod: ties\n"
+                           "options: {density: [0.5, 0.25]}\nout: o\n")
+    s = load_merge_config(cfg)
+    assert s.weights == (2.0, -1.0) and s.option["density"] == (0.5, 0.25)
+    assert _cli(["--config", str(cfg), "--weights", "1", "3"]).weights == (1.0, 3.0)
+    with pytest.raises(MergeInputError, match=r"density.*2 values, one per expert; got 3"):
+        _cli(["--config", str(cfg), "--option", "density=0.1,0.2,0.3"])
 
 
 def test_command_line_overrides_the_file(tmp_path, monkeypatch):
@@ -192,7 +197,7 @@ def test_command_line_overrides_the_file(tmp_path, monkeypatch):
               "--out", "elsewhere", "--experts", "x"])
     assert s.alpha == 2.0 and s.method == "ties"
     assert s.option == {"density": 0.5, "scope": "tensor", "disjoint": "mean",
-                        "zero_sign": "zero"}                     # --option: key by key
+                        "zero_sign": "zero", "trim": "threshold"}                     # --option: key by key
     assert s.out == "elsewhere" and s.experts == ("x",)           # command line: as typed
     assert s.base == str(tmp_path / "base")                       # file: from its folder
     assert s.overwrite is True                                    # not typed: the file's
@@ -221,5 +226,5 @@ def test_cli_flags_and_file_keys_map_one_to_one():
     for dest, options in flags.items():  # error labels spell a flag from its dest
         assert "--" + dest.replace("_", "-") in options
     fields = {f.name for f in dataclasses.fields(MergeSettings)}
-    assert fields == set(FILE_KEYS) | {"weights"}     # weights: only in a file's experts
-    assert set(config._CHECKS) | {"experts"} == set(FILE_KEYS)
+    assert fields == set(FILE_KEYS) | {"schema", "notes"}     # what reading a mergekit config says
+    assert set(config._CHECKS) | {"experts", "weights"} == set(FILE_KEYS)

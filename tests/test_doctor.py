@@ -48,7 +48,8 @@ def test_doctor_runs_here_and_every_available_backend_agrees(capsys, tmp_path):
             available = data["backends"][op][name]["available"]
             assert available == (backend.why_not(op, name, torch.device(data["device"])) is None)
             assert all(((op, name, checks._name(d)) in checked) == available for d in case.dtypes)
-    assert {m["op"] for m in data["merges"]} == set(scoremerge.methods())
+    assert {m["op"] for m in data["merges"]} == \
+        {name for name, spec in scoremerge.methods().items() if not spec.on_models}
     assert all(c["ok"] and c["error"] <= c["bound"] for c in data["checks"] + data["merges"])
     assert data["environment"]["torch"] == torch.__version__
     if not torch.cuda.is_available():         # this CPU: Triton through the interpreter

@@ -5,7 +5,7 @@ import torch
 
 from scoremerge import MergeInputError, api
 from scoremerge.methods import all_methods, get
-from scoremerge.methods.entrywise import CPU_CHUNK
+from scoremerge.methods.entrywise import CPU_CHUNK, plus
 
 ENTRYWISE = [name for name, spec in all_methods().items() if spec.entrywise]
 # Odd sizes; one key spans several chunks with a ragged last one; an empty key.
@@ -23,12 +23,12 @@ def models(T, base_dtype, expert_dtype, seed=0):
     return base, experts
 
 
-def whole_key(base, experts, method, alpha, exclude):
+def whole_key(base, experts, method, alpha, exclude, weights=None):
     """api.merge's arithmetic without chunks: task vectors stacked per key, merged at once."""
     spec, opts = api.checked_method(method, {}, len(experts))
     taus = api._merge(api._task_vectors(base, experts), spec, opts, exclude, "torch", None,
-                      None, False)
-    return {k: torch.add(b.to(taus[k].dtype), taus[k], alpha=alpha).to(b.dtype)
+                      None, False, weights)
+    return {k: plus(b.to(taus[k].dtype), taus[k], alpha).to(b.dtype)
             if k in taus else b for k, b in base.items()}
 
 
@@ -50,11 +50,12 @@ def test_the_flag_is_honest():
     (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
     (torch.float16, torch.float32), (torch.float64, torch.float64),
     (torch.bfloat16, torch.float64)])
-def test_chunked_equals_whole_key_to_the_bit(method, base_dtype, expert_dtype):
+@pytest.mark.parametrize("weights", [None, (0.5, -1.25, 2.0)])
+def test_chunked_equals_whole_key_to_the_bit(method, base_dtype, expert_dtype, weights):
     base, experts = models(3, base_dtype, expert_dtype)
     exclude = ("head",)
-    got = api.merge(base, experts, method, alpha=0.7, exclude=exclude)
-    want = whole_key(base, experts, method, 0.7, exclude)
+    got = api.merge(base, experts, method, alpha=0.7, exclude=exclude, weights=weights)
+    want = whole_key(base, experts, method, 0.7, exclude, weights)
     assert list(got) == list(want)
     for key in want:
         assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key

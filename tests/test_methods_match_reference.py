@@ -9,7 +9,7 @@ from scoremerge.methods.routing import routes_to_matrix
 
 from conftest import MIXED_SHAPES, random_task_vectors, rel_err
 
-METHODS = list(scoremerge.methods())
+METHODS = [name for name, spec in scoremerge.methods().items() if not spec.on_models]
 OPTIONS = {"score": [{}, {"variant": "diag"}, {"variant": "offdiag"}, {"variant": "untrimmed"},
                      {"trim_per_task": False, "trim_multiplier": 1.0}],
            "ties": [{}, {"scope": "tensor", "density": 0.5}, {"disjoint": "sum"},

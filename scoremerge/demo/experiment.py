@@ -72,9 +72,12 @@ class Variant:
 
 
 def merge_variants():
-    """Every registered method with its default options, plus SCORE's diag variant."""
+    """Every registered method of task vectors with its default options, plus SCORE's diag
+    variant (linear averages the models: with equal weights it is the mean, already a row)."""
     out = []
-    for name in all_methods():
+    for name, spec in all_methods().items():
+        if spec.on_models:
+            continue
         out.append(Variant(name, name))
         if name == "score":
             out.append(Variant("score:diag", "score", {"variant": "diag"}))

@@ -1,6 +1,8 @@
-"""Entry-wise baselines over whole state dicts: mean, task arithmetic, MagMax, TIES.
+"""Entry-wise baselines over whole state dicts: mean, task arithmetic, MagMax, TIES, linear.
 
-Each takes {key: stacked task tensors [T, ...]} in the compute dtype and returns {key: merged}.
+Each takes {key: stacked task tensors [T, ...]} in the compute dtype (linear: the experts'
+weights) and returns {key: merged}. Per-expert weights reach mean, TIES and linear as `weights`
+(a [T] tensor, or None for all ones); the other methods get task vectors already scaled by them.
 """
 import torch
 
@@ -8,12 +10,34 @@ from .. import ref
 from .registry import Option, merge_method
 
 
-@merge_method("mean", kind="elementwise", entrywise=True,
+@merge_method("mean", kind="elementwise", entrywise=True, weighted=True,
               reference=ref.methods.mean,
               paper="Wortsman et al., Model soups, ICML 2022",
-              summary="uniform average of the task vectors (the mean of the experts)")
-def mean(taus):
-    return {key: x.mean(dim=0) for key, x in taus.items()}
+              summary="average of the task vectors (the mean of the experts; with weights, "
+                      "sum_t w_t tau_t / sum_t w_t)")
+def mean(taus, *, weights=None):
+    if weights is None:
+        return {key: x.mean(dim=0) for key, x in taus.items()}
+    return {key: (x * _per_task(weights, x)).sum(dim=0) / weights.sum() for key, x in taus.items()}
+
+
+@merge_method("linear", kind="elementwise", weighted=True, on_models=True,
+              reference=ref.methods.linear,
+              paper="Wortsman et al., Model soups, ICML 2022 (mergekit's `linear`)",
+              summary="weighted average of the experts' weights themselves, in mergekit's "
+                      "arithmetic; the base only names the keys",
+              options=[Option("normalize", True, "divide by the sum of the weights")])
+def linear(models, *, normalize=True, weights=None):
+    merged = {}
+    for key, x in models.items():
+        w = torch.ones(len(x), dtype=x.dtype, device=x.device) if weights is None else weights
+        # accumulated expert by expert from zero, then divided: mergekit's order, so its
+        # results are met to the bit in float32
+        out = torch.zeros_like(x[0])
+        for t in range(len(x)):
+            out.addcmul_(x[t], w[t])
+        merged[key] = out.div_(w.sum()) if normalize else out
+    return merged
 
 
 @merge_method("task_arithmetic", kind="elementwise", entrywise=True,
@@ -40,52 +64,105 @@ def magmax(taus):
 
 
 @merge_method(
-    "ties", kind="elementwise", reference=ref.methods.ties,
+    "ties", kind="elementwise", weighted=True, reference=ref.methods.ties,
     paper="Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023",
     summary="trim each task vector to its largest entries, elect a sign per entry, average "
             "the agreeing values",
     options=[
-        Option("density", 0.2, "fraction of each task vector's entries kept", low=0.0,
-               high=1.0, low_open=True),
+        Option("density", 0.2, "fraction of each task vector's entries kept (one value, or "
+               "one per expert)", low=0.0, high=1.0, low_open=True, per_model=True),
         Option("scope", "global", "rank entries over the whole task vector (global) or per key "
                "(tensor)", choices=("global", "tensor")),
         Option("disjoint", "mean", "how the kept values that agree with the elected sign combine: "
                "mean (the TIES paper), sum (FusionBench's default merge_func) or max (the largest "
                "magnitude with the elected sign)", choices=("mean", "sum", "max")),
         Option("zero_sign", "zero", "an entry whose kept values sum to exactly zero elects no sign "
-               "(zero) or the sign most entries of the scope elect (majority: the TIES authors' "
-               "code and FusionBench)", choices=("zero", "majority")),
+               "(zero), the sign most entries of the scope elect (majority: the TIES authors' "
+               "code and FusionBench) or + (plus: mergekit)",
+               choices=("zero", "majority", "plus")),
+        Option("trim", "threshold", "keep round(density * N) entries and every entry tied with "
+               "the smallest of them (threshold: the TIES authors' code), or exactly "
+               "max(1, int(density * N)) entries in the order of a descending sort of their "
+               "float32 magnitudes (exact: mergekit)", choices=("threshold", "exact")),
     ])
-def ties(taus, *, density=0.2, scope="global", disjoint="mean", zero_sign="zero"):
+def ties(taus, *, density=0.2, scope="global", disjoint="mean", zero_sign="zero",
+         trim="threshold", weights=None):
     groups = [list(taus)] if scope == "global" else [[key] for key in taus]
     merged = {}
     for group in groups:
-        merged.update(_ties_scope({k: taus[k] for k in group}, density, disjoint, zero_sign))
+        merged.update(_ties_scope({k: taus[k] for k in group}, density, disjoint, zero_sign,
+                                  trim, weights))
     return merged
 
 
-def _ties_scope(taus, density, disjoint, zero_sign):
-    """TIES over keys that share one magnitude ranking and one majority sign."""
-    # one threshold per task, from the ranking over every entry of these keys
-    threshold = _thresholds(torch.cat([x.flatten(1) for x in taus.values()], dim=1), density)
+def _ties_scope(taus, density, disjoint, zero_sign, trim, weights):
+    """TIES over keys that share one magnitude ranking and one majority sign. Weights scale
+    each task's kept values (so the ranking is the unweighted one, as in mergekit) and make the
+    disjoint mean a weighted one: sum_t w_t k_t / sum_t w_t over the agreeing t."""
+    kept = _trimmer(taus, density, trim)
+    if weights is not None:
+        unweighted = kept
 
-    def kept(x):
-        return torch.where(x.abs() >= threshold.reshape(-1, *([1] * (x.ndim - 1))), x, 0.0)
+        def kept(key, x):
+            return unweighted(key, x) * _per_task(weights, x)
 
     majority = None
-    if zero_sign == "majority":     # a first pass, so the kept values are never all held at once
-        votes = sum(_votes(torch.sign(kept(x).sum(dim=0))) for x in taus.values())
-        majority = torch.tensor(float((votes > 0) - (votes < 0)), dtype=threshold.dtype,
-                                device=threshold.device)
+    if zero_sign != "zero":         # a first pass, so the kept values are never all held at once
+        votes = 1 if zero_sign == "plus" else \
+            sum(_votes(torch.sign(kept(key, x).sum(dim=0))) for key, x in taus.items())
+        majority = float((votes > 0) - (votes < 0))
     merged = {}
     for key, x in taus.items():
-        k = kept(x)
+        k = kept(key, x)
         elected = torch.sign(k.sum(dim=0))
         if majority is not None:
             elected = torch.where(elected == 0, majority, elected)
         agree = (torch.sign(k) == elected) & (k != 0)
-        merged[key] = _disjoint(k * agree, agree, elected, disjoint)
+        merged[key] = _disjoint(k * agree, agree, elected, disjoint, weights)
     return merged
+
+
+def _trimmer(taus, density, trim):
+    """kept(key, x): x with the entries outside each task's top fraction `density` zeroed, the
+    ranking over every entry of these keys."""
+    flat = torch.cat([x.flatten(1) for x in taus.values()], dim=1)
+    densities = density if isinstance(density, tuple) else (density,) * flat.shape[0]
+    if trim == "threshold":
+        threshold = _thresholds(flat, densities)
+
+        def kept(key, x):
+            return torch.where(x.abs() >= threshold.reshape(-1, *([1] * (x.ndim - 1))), x, 0.0)
+        return kept
+    masks = _exact_masks(flat, densities)
+    offsets, start = {}, 0
+    for key, x in taus.items():
+        offsets[key] = start
+        start += x[0].numel()
+    del flat
+
+    def kept(key, x):
+        mask = masks[:, offsets[key]:offsets[key] + x[0].numel()].reshape(x.shape)
+        return x * mask
+    return kept
+
+
+def _exact_masks(flat, densities):
+    """[T, N] float masks keeping exactly max(1, int(d_t * N)) entries of row t (all of them
+    for d_t >= 1), chosen as mergekit chooses them: the first of a descending argsort of the
+    float32 magnitudes, so ties fall as they fall there."""
+    masks = torch.zeros_like(flat)
+    for t, (row, d) in enumerate(zip(flat, densities)):
+        if d >= 1:
+            masks[t] = 1
+            continue
+        keep = max(1, int(d * row.numel()))
+        masks[t, torch.argsort(row.abs().float(), descending=True)[:keep]] = 1
+    return masks
+
+
+def _per_task(weights, x):
+    """weights [T] shaped to multiply x [T, ...] task by task."""
+    return weights.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
 
 def _votes(signs):
@@ -94,17 +171,24 @@ def _votes(signs):
     return int((signs > 0).sum()) - int((signs < 0).sum())
 
 
-def _disjoint(chosen, agree, elected, how):
+def _disjoint(chosen, agree, elected, how, weights):
     """Combine the agreeing kept values chosen [T, ...] (zero elsewhere) over the tasks."""
     if how == "sum":
         return chosen.sum(dim=0)
     if how == "max":
         return chosen.abs().amax(dim=0) * elected
-    return chosen.sum(dim=0) / agree.sum(dim=0).clamp(min=1)
+    if weights is None:
+        return chosen.sum(dim=0) / agree.sum(dim=0).clamp(min=1)
+    divisor = (_per_task(weights, chosen) * agree).sum(dim=0)
+    return chosen.sum(dim=0) / torch.where(divisor == 0, 1.0, divisor)
 
 
-def _thresholds(flat, density):
-    """Per task (row of flat [T, N]): the smallest magnitude among its top round(density * N)
+def _thresholds(flat, densities):
+    """Per task (row of flat [T, N]): the smallest magnitude among its top round(d_t * N)
     (see ref.methods._magnitude_threshold)."""
-    n_keep = max(1, round(density * flat.shape[1]))
-    return flat.abs().kthvalue(flat.shape[1] - n_keep + 1, dim=1).values
+    N = flat.shape[1]
+    if len(set(densities)) == 1:
+        n_keep = max(1, round(densities[0] * N))
+        return flat.abs().kthvalue(N - n_keep + 1, dim=1).values
+    return torch.stack([row.abs().kthvalue(N - max(1, round(d * N)) + 1).values
+                        for row, d in zip(flat, densities)])

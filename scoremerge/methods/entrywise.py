@@ -68,12 +68,18 @@ class _Job:
             if self.compute_dtype != self.tau_dtype:
                 x = x.to(self.compute_dtype)
             merged = self.merge_fn(x).to(self.tau_dtype)
-            result = torch.add(b, merged, alpha=self.alpha).to(self.out.dtype)
+            result = plus(b, merged, self.alpha).to(self.out.dtype)
             if not all_finite(result):
                 _check_inputs(self.key, lo, hi, self.base, self.experts, self.names)
                 if not self.allow_nonfinite:
                     raise overflow_error(self.key, result, "merged model")
             self.out[lo:hi].copy_(result)
+
+
+def plus(base, tau, alpha):
+    """base + alpha * tau, rounded twice (the product, then the sum) as mergekit and FusionBench
+    compute it, so that their results are met to the bit; alpha = 1 multiplies nothing."""
+    return base + (tau if alpha == 1 else tau * alpha)
 
 
 def _check_inputs(key, start, stop, base, experts, names):

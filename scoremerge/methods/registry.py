@@ -24,6 +24,7 @@ class Option:
     low: float = None       # inclusive unless low_open
     high: float = None      # inclusive
     low_open: bool = False
+    per_model: bool = False     # also takes one value per expert (a list of T values)
 
     def parse(self, value, method):
         """Convert (from CLI strings too) and validate; raise MergeInputError naming the option."""
@@ -60,7 +61,10 @@ class MergeMethod:
     """A registered method. kind: "matrix" (2-D keys batched by shape, others take the mean) or
     "elementwise" (one rule for every key, all keys at once). entrywise: an elementwise method
     whose merged entry depends only on the same entry of the task vectors, so keys may be
-    merged alone and in chunks (methods.entrywise)."""
+    merged alone and in chunks (methods.entrywise). weighted: the method takes the per-expert
+    weights itself (`weights=`, a [T] tensor or None) instead of receiving task vectors already
+    scaled by them. on_models: the method merges the experts' weights, not task vectors (the
+    base only names the keys)."""
     name: str
     kind: str
     summary: str
@@ -70,13 +74,17 @@ class MergeMethod:
     options: tuple = ()
     min_tasks: int = 1
     entrywise: bool = False
+    weighted: bool = False
+    on_models: bool = False
 
     @property
     def defaults(self):
         return {o.name: o.default for o in self.options}
 
-    def parse_options(self, options):
-        """Defaults overlaid with `options`, each validated; unknown names get a suggestion."""
+    def parse_options(self, options, n_tasks=None):
+        """Defaults overlaid with `options`, each validated; unknown names get a suggestion. A
+        per-model option may be a list of one value per expert (n_tasks of them, when known);
+        it comes back as a tuple."""
         known = {o.name: o for o in self.options}
         for name in options:
             if name not in known:
@@ -85,18 +93,31 @@ class MergeMethod:
                 choices = ", ".join(known) if known else "none"
                 raise MergeInputError(f"unknown option {shown(name)} for method {self.name!r} "
                                       f"(its options: {choices}){hint}")
-        return {n: (o.parse(options[n], self.name) if n in options else o.default)
+        return {n: (_parse(o, options[n], self.name, n_tasks) if n in options else o.default)
                 for n, o in known.items()}
 
 
+def _parse(option, value, method, n_tasks):
+    if option.per_model and isinstance(value, str) and "," in value:
+        value = value.split(",")           # the command line's density=0.5,0.3,0.7
+    if not option.per_model or not isinstance(value, (list, tuple)):
+        return option.parse(value, method)
+    if not value or (n_tasks is not None and len(value) != n_tasks):
+        wanted = f"{n_tasks} values, one per expert" if n_tasks else "one value per expert"
+        raise MergeInputError(f"option {option.name!r} of method {method!r} takes one value or "
+                              f"{wanted}; got {len(value)}")
+    return tuple(option.parse(v, method) for v in value)
+
+
 def _keyword_defaults(fn):
-    """A function's keyword-only options; `backend` is how the batched ones pick their ops."""
+    """A function's keyword-only options; `backend` is how the batched ones pick their ops and
+    `weights` how a weighted method gets the per-expert weights."""
     return {p.name: p.default for p in inspect.signature(fn).parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "backend"}
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in ("backend", "weights")}
 
 
 def merge_method(name, *, kind, summary, paper, reference, options=(), min_tasks=1,
-                 entrywise=False):
+                 entrywise=False, weighted=False, on_models=False):
     """Register the decorated function as method `name`."""
     if kind not in ("matrix", "elementwise"):
         raise ValueError(f"method {name!r}: kind must be 'matrix' or 'elementwise', got {kind!r}")
@@ -112,7 +133,7 @@ def merge_method(name, *, kind, summary, paper, reference, options=(), min_tasks
                 raise TypeError(f"method {name!r}: {impl.__module__}.{impl.__qualname__} takes "
                                 f"keyword options {_keyword_defaults(impl)}, declared {declared}")
         _REGISTRY[name] = MergeMethod(name, kind, summary, paper, fn, reference, tuple(options),
-                                      min_tasks, entrywise)
+                                      min_tasks, entrywise, weighted, on_models)
         return fn
     return register
 

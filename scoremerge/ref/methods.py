@@ -12,6 +12,7 @@ from .linalg import polar, truncated_svd
 from .projection import project_and_mask, reconstruct
 
 MATRIX_METHODS = ("score", "tsv", "iso_c", "iso_cts")
+WEIGHTED_METHODS = ("mean", "ties")        # take the weights themselves (merge_task_vectors)
 
 
 def score(taus, *, variant="full", trim_multiplier=1.96, trim_per_task=True):
@@ -66,8 +67,17 @@ def iso_cts(taus, *, common_space_fraction=0.8):
     return scat.mean() * (polar(Ucat) @ polar(Vcat))
 
 
-def mean(taus):
-    return sum(taus) / len(taus)
+def mean(taus, *, weights=None):
+    if weights is None:
+        return sum(taus) / len(taus)
+    return sum(w * tau for w, tau in zip(weights, taus)) / sum(weights)
+
+
+def linear(models, *, normalize=True, weights=None):
+    """The experts' weights averaged (normalize) or summed with the per-expert weights."""
+    weights = [1.0] * len(models) if weights is None else list(weights)
+    total = sum(w * x for w, x in zip(weights, models))
+    return total / sum(weights) if normalize else total
 
 
 def task_arithmetic(taus):
@@ -83,26 +93,43 @@ def magmax(taus):
     return best
 
 
-def ties(task_vectors, keys, *, density=0.2, scope="global", disjoint="mean", zero_sign="zero"):
+def ties(task_vectors, keys, *, density=0.2, scope="global", disjoint="mean", zero_sign="zero",
+         trim="threshold", weights=None):
     """TIES-merging over the given keys of T task vectors (dicts); returns {key: merged}.
 
     Trim: keep each task vector's top round(density * N) entries by magnitude, ranked over
     all the given keys at once (scope="global") or per key (scope="tensor"). Elect: a sign per
     entry from the sum of kept values; where that sum is exactly zero, no sign, or with
-    zero_sign="majority" the sign elected by more entries of the scope than the other. Disjoint
-    mean: average the kept values that agree (disjoint="sum" adds them, "max" takes the largest
-    magnitude with the elected sign).
+    zero_sign="majority" the sign elected by more entries of the scope than the other, with
+    "plus" +. Disjoint mean: average the kept values that agree (disjoint="sum" adds them, "max"
+    takes the largest magnitude with the elected sign). density: one value, or one per task.
+    trim="exact" keeps exactly max(1, int(density * N)) entries, the first of a descending sort
+    of the float32 magnitudes (mergekit). weights: the kept values of task t are multiplied by
+    w_t, and the disjoint mean divides by the sum of the agreeing tasks' weights (1 where that is
+    0).
     """
+    T = len(task_vectors)
+    densities = list(density) if isinstance(density, (list, tuple)) else [density] * T
+    weights = [1.0] * T if weights is None else [float(w) for w in weights]
     groups = [keys] if scope == "global" else [[key] for key in keys]
     kept = [dict() for _ in task_vectors]
     for t, tv in enumerate(task_vectors):
         for group in groups:
             flat = torch.cat([tv[key].reshape(-1) for key in group])
-            threshold = _magnitude_threshold(flat, density)
+            if trim == "exact":
+                mask = _exact_mask(flat, densities[t])
+            else:
+                mask = flat.abs() >= _magnitude_threshold(flat, densities[t])
+            start = 0
             for key in group:
                 x = tv[key]
-                kept[t][key] = torch.where(x.abs() >= threshold, x, torch.zeros_like(x))
+                part = mask[start:start + x.numel()].reshape(x.shape)
+                start += x.numel()
+                kept[t][key] = torch.where(part, x, torch.zeros_like(x)) * weights[t]
     elected = {key: torch.sign(torch.stack([kt[key] for kt in kept]).sum(dim=0)) for key in keys}
+    if zero_sign == "plus":
+        for key in keys:
+            elected[key] = torch.where(elected[key] == 0, 1.0, elected[key])
     if zero_sign == "majority":
         for group in groups:
             votes = sum(int((elected[k] > 0).sum()) - int((elected[k] < 0).sum()) for k in group)
@@ -119,8 +146,20 @@ def ties(task_vectors, keys, *, density=0.2, scope="global", disjoint="mean", ze
         elif disjoint == "max":
             merged[key] = chosen.abs().amax(dim=0) * elected[key]
         else:
-            merged[key] = chosen.sum(dim=0) / agree.sum(dim=0).clamp(min=1)
+            w = torch.tensor(weights, dtype=stacked.dtype).reshape(-1, *([1] * (stacked.ndim - 1)))
+            divisor = (w * agree).sum(dim=0)
+            merged[key] = chosen.sum(dim=0) / torch.where(divisor == 0, 1.0, divisor)
     return merged
+
+
+def _exact_mask(flat, density):
+    """Exactly max(1, int(density * N)) entries of flat (all for density >= 1): the first of a
+    descending sort of their float32 magnitudes."""
+    if density >= 1:
+        return torch.ones_like(flat, dtype=torch.bool)
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[torch.argsort(flat.abs().float(), descending=True)[:max(1, int(density * flat.numel()))]] = True
+    return mask
 
 
 def _magnitude_threshold(flat, density):
@@ -141,14 +180,22 @@ def routes_to_matrix(key, tensor, T, exclude, method=None):
             and min(tensor.shape) >= needed)
 
 
-def merge_task_vectors(task_vectors, method, *, exclude=(), **options):
-    """Merge T task vectors (dicts of float tensors, all in one dtype) key by key."""
+def merge_task_vectors(task_vectors, method, *, exclude=(), weights=None, **options):
+    """Merge T task vectors (dicts of float tensors, all in one dtype) key by key. weights: one
+    number per task vector; mean and TIES take them as defined there, every other method (and
+    the mean path of excluded or thin keys) merges the scaled task vectors w_t tau_t."""
     T = len(task_vectors)
     keys = list(task_vectors[0])
     excluded = {k for k in keys if any(re.search(p, k) for p in exclude)}
+    if weights is not None and method not in WEIGHTED_METHODS:
+        task_vectors = [{k: w * x for k, x in tv.items()} for w, tv in zip(weights, task_vectors)]
+        weights = None
+    given = {} if weights is None else {"weights": weights}
+    scaled = task_vectors if weights is None else \
+        [{k: w * x for k, x in tv.items()} for w, tv in zip(weights, task_vectors)]
     out = {}
     if method == "ties":
-        out.update(ties(task_vectors, [k for k in keys if k not in excluded], **options))
+        out.update(ties(task_vectors, [k for k in keys if k not in excluded], **options, **given))
     for key in keys:
         if key in out:
             continue
@@ -159,7 +206,7 @@ def merge_task_vectors(task_vectors, method, *, exclude=(), **options):
             else:
                 out[key] = mean(taus)
         elif key in excluded:
-            out[key] = mean(taus)
+            out[key] = mean([tv[key] for tv in scaled])
         else:
-            out[key] = globals()[method](taus, **options)
+            out[key] = globals()[method](taus, **options, **given)
     return {key: out[key] for key in keys}
