@@ -1,6 +1,8 @@
-"""How OnlineMerger's default temperatures were chosen: the demo's online streams, on a training
-seed other than the reported one (seed 1; the README reports seed 0), for a grid of temp_enc x
-temp_head. Prints mean stream accuracy per pair and writes bench/results/online_temperature_sweep.json.
+"""How OnlineMerger's default temperatures were chosen (for the paper's reading: raw entropies,
+one group): the demo's online streams, on a training seed other than the reported one (seed 1;
+the README then reported seed 0), for a grid of temp_enc x temp_head. Prints mean stream accuracy
+per pair and writes bench/results/online_temperature_sweep.json. The strategies' options are
+swept by bench/online_strategy_sweep.py.
 
     python bench/online_temperature_sweep.py [--seed 1]
 """
@@ -15,6 +17,7 @@ from scoremerge.demo.experiment import demo_config
 from scoremerge.demo.online import run_online
 
 GRID = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+PAPER = "entropy (paper)"
 
 
 def main():
@@ -28,14 +31,13 @@ def main():
     rows = []
     for te, th in itertools.product(GRID, GRID):
         out = run_online(config, experts, domains, log=lambda *a: None,
-                         merger_options={"temp_enc": te, "temp_head": th})
+                         variants={PAPER: {"strategy": "entropy", "calibration": None,
+                                           "groups": 1, "temp_enc": te, "temp_head": th}})
         streams = out["streams"].values()
-        held = statistics.fmean(r["accuracy"]["online entropy"] for r in streams
-                                if len(r["held_out"]) == 1)
-        mixed = statistics.fmean(r["accuracy"]["online entropy"] for r in streams
-                                 if len(r["held_out"]) == 2)
+        held = statistics.fmean(r["accuracy"][PAPER] for r in streams if len(r["held_out"]) == 1)
+        mixed = statistics.fmean(r["accuracy"][PAPER] for r in streams if len(r["held_out"]) == 2)
         rows.append({"temp_enc": te, "temp_head": th, "held_out": held, "mixed": mixed,
-                     "all": out["mean"]["online entropy"],
+                     "all": out["mean"][PAPER],
                      "uniform_mean": out["mean"]["uniform_mean"]})
         print(f"temp_enc {te:5.2f} temp_head {th:5.2f}: held-out {100 * held:5.1f}  mixed "
               f"{100 * mixed:5.1f}  all {100 * rows[-1]['all']:5.1f}  (uniform mean "

@@ -143,6 +143,8 @@ def _parser():
                        "digit experts with every method (trains on first use, cached)")
     d.add_argument("--out", default="runs/demo", help="folder for results.json, accuracy.png and online.png")
     d.add_argument("--seed", default=0, type=int, help="data split, initialisation and training")
+    d.add_argument("--seeds", default=1, type=int,
+                   help="run N seeds from --seed on; report each accuracy's mean and spread")
     d.add_argument("--device", default="cpu", help="cpu or cuda: merging and evaluation (training is always on the CPU)")
     d.add_argument("--backend", default="auto", choices=BACKENDS + ("reference",),
                    help="merge backend; `reference` runs the plain-torch per-key loops")
@@ -324,7 +326,7 @@ def _demo(args):
                          tune_alpha=not args.no_tune_alpha)
     cache = None if args.no_cache else (DEFAULT_CACHE if args.cache is None else args.cache)
     run_demo(config, out=args.out, cache_dir=cache, retrain=args.retrain,
-             command=shlex.join(["scoremerge", *args.argv]))
+             command=shlex.join(["scoremerge", *args.argv]), seeds=args.seeds)
     return 0
 
 

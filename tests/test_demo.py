@@ -8,7 +8,7 @@ import torch
 
 from scoremerge.cli import main
 from scoremerge import api
-from scoremerge.demo import DemoConfig, experiment, merge_variants, run_experiment
+from scoremerge.demo import DemoConfig, experiment, merge_variants, run_demo, run_experiment
 from scoremerge.demo.checkpoints import cache_key, trained_models
 from scoremerge.demo.data import (ANGLES, CANVAS, N_CLASSES, load_digits_tensors, rotated_domains,
                                   split_indices, transform, upright_train)
@@ -73,10 +73,10 @@ def test_merged_models_are_above_chance_on_the_target(quick_run):
 
 
 def test_online_section_covers_every_stream_and_beats_chance(quick_run):
-    """Every held-out and mixed stream is scored for every method; the online merger's mean over
-    the streams beats chance by 3 sigma of the smallest stream, and its coefficients are
-    convex combinations of the stream's source experts."""
-    from scoremerge.demo.online import LABELS, MIXED_PAIRS
+    """Every held-out and mixed stream is scored for every method; the default online merger's
+    mean over the streams beats chance by 3 sigma of the smallest stream, and every strategy's
+    mean coefficients are convex combinations of the stream's source experts."""
+    from scoremerge.demo.online import DEFAULT, LABELS, MIXED_PAIRS, ONLINE_VARIANTS
     root, _, results = quick_run
     online = results["online"]
     expected = [str(a) for a in ANGLES] + [f"{a}+{b}" for a, b in MIXED_PAIRS]
@@ -85,12 +85,15 @@ def test_online_section_covers_every_stream_and_beats_chance(quick_run):
         assert set(row["accuracy"]) == set(LABELS), name
         assert not set(row["held_out"]) & set(row["sources"]), name
         assert row["best_single_expert_source"] in row["sources"]
+        assert set(row["coefficients"]) == set(row["merged_forwards"]) == set(ONLINE_VARIANTS)
         for coeffs in row["coefficients"].values():
             for group in ("encoder", "head"):
                 assert len(coeffs[group]) == len(row["sources"])
                 assert abs(sum(coeffs[group]) - 1) < 1e-5 and min(coeffs[group]) >= 0
     smallest = min(row["n"] for row in online["streams"].values())
-    assert online["mean"]["online entropy"] > chance_bound(smallest)
+    assert online["mean"][DEFAULT] > chance_bound(smallest)
+    assert sorted(online["records"], key=int) == [str(a) for a in ANGLES]
+    assert all(t > 0 for t in online["records"].values())
     png = (root / "out" / "online.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
@@ -116,7 +119,7 @@ def test_second_run_loads_the_cache_and_prints_the_same_table(quick_run, capsys)
     for name, row in first["online"]["streams"].items():
         assert second["online"]["streams"][name]["accuracy"] == row["accuracy"], name
     out = capsys.readouterr().out
-    assert "score:diag" in out and "online entropy" in out
+    assert "score:diag" in out and "entropy (paper)" in out and "(default) +" in out
 
 
 def test_reference_backend_gives_the_same_accuracies(quick_run):
@@ -251,7 +254,40 @@ def test_cache_key_changes_with_every_training_setting():
     assert cache_key(DemoConfig(alpha=0.5).training_settings()) == cache_key(a.training_settings())
 
 
+def test_several_seeds_report_the_mean_and_spread_of_each_accuracy(tmp_path):
+    """run_demo(seeds=2) runs seeds 3 and 4; every summarised accuracy is the mean of the two
+    runs', its spread their standard deviation; the tables print both."""
+    lines = []
+    results = run_demo(tiny_config(alpha_grid=(0.5, 1.0)), out=tmp_path / "out", cache_dir=None,
+                       log=lines.append, seeds=2)
+    assert results["seeds"] == [3, 4] and [r["config"]["seed"] for r in results["runs"]] == [3, 4]
+    summary, spread, runs = results["summary"], results["spread"], results["runs"]
+    for angle in (0, 30, 60):
+        pair = [r["merged"]["score"]["accuracy"][angle] for r in runs]
+        assert summary["merged"]["score"]["accuracy"][angle] == pytest.approx(sum(pair) / 2)
+        assert spread["merged"]["score"]["accuracy"][angle] == pytest.approx(
+            abs(pair[0] - pair[1]) / math.sqrt(2))
+    means = [r["merged"]["mean"]["mean"] for r in runs]
+    assert spread["merged"]["mean"]["mean"] == pytest.approx(
+        abs(means[0] - means[1]) / math.sqrt(2))
+    for name, row in summary["online"]["streams"].items():
+        for key, acc in row["accuracy"].items():
+            pair = [r["online"]["streams"][name]["accuracy"][key] for r in runs]
+            assert acc == pytest.approx(sum(pair) / 2), (name, key)
+            assert spread["online"]["streams"][name][key] == pytest.approx(
+                abs(pair[0] - pair[1]) / math.sqrt(2)), (name, key)
+    alphas = summary["tuned_alpha"]["mean"]["alpha"]
+    assert len(alphas) == 6 and set(alphas.values()) <= {0.5, 1.0}
+    text = "\n".join(lines)
+    assert "mean +- sd over seeds 3-4" in text and "\u00b1" in text
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["seeds"] == [3, 4] and len(saved["runs"]) == 2
+    for png in ("accuracy.png", "online.png"):
+        assert (tmp_path / "out" / png).read_bytes().startswith(b"\x89PNG")
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["--seeds", "0"], "--seeds"),
     (["--cache", "c", "--no-cache"], "contradict"),
     (["--cache", ""], "needs a folder"),
     (["--device", "nonsense"], "not a torch device"),

@@ -38,6 +38,7 @@ class DemoConfig:
     device: str = "cpu"
     backend: str = "auto"                    # the merge backend; "reference" runs scoremerge.ref
     quick: bool = False
+    online_batches: int | None = None        # the first N batches of every online stream
 
     def training_settings(self):
         """Everything that determines the trained weights (the cache key)."""
@@ -47,14 +48,15 @@ class DemoConfig:
 
     def as_dict(self):
         return {**self.training_settings(), "alpha": self.alpha, "alpha_grid": list(self.alpha_grid),
-                "device": self.device, "backend": self.backend, "quick": self.quick}
+                "device": self.device, "backend": self.backend, "quick": self.quick,
+                "online_batches": self.online_batches}
 
 
 def demo_config(*, seed=0, device="cpu", backend="auto", quick=False, tune_alpha=True):
-    """The main job's settings; quick trains briefly and searches a short alpha grid (for tests:
-    the same pipeline end to end, weaker models)."""
+    """The main job's settings; quick trains briefly, searches a short alpha grid and feeds each
+    online stream's first 4 batches (for tests: the same pipeline end to end, weaker models)."""
     if quick:
-        return DemoConfig(seed=seed, device=device, backend=backend, quick=True,
+        return DemoConfig(seed=seed, device=device, backend=backend, quick=True, online_batches=4,
                           base_schedule=Schedule(epochs=12, lr=3e-3, weight_decay=0.05,
                                                  warmup_steps=10),
                           expert_schedule=Schedule(epochs=4, lr=1e-3),
