@@ -1,9 +1,9 @@
-"""Streaming merges against mergekit on the same files: `scoremerge merge` and `mergekit-yaml`
-(mergekit 0.1.5, pinned) on generated Llama-shaped checkpoints (bench/llama_checkpoints.py),
-task arithmetic and TIES (per tensor, so mergekit's and scoremerge's trimming agree), each under
-/usr/bin/time -v: wall time, input GB/s, peak resident memory, and how far apart the results
-are. The page cache is warmed by a read of every input first (both tools then read from
-memory); the cold read rate of the disk is measured on its own where the cache can be dropped.
+"""Merges of the same mergekit YAML by `mergekit-yaml` (mergekit 0.1.5, pinned) and by
+`scoremerge merge --config` (which reads mergekit's schema with mergekit's conventions), on
+generated Llama-shaped checkpoints (bench/llama_checkpoints.py): linear, task arithmetic and TIES
+with per-model weights (and densities), each under /usr/bin/time -v: wall time, input GB/s, peak
+resident memory, and how far apart the results are (0.0: the same tensors). The page cache is
+warmed by a read of every input first (both tools then read from memory).
 Writes bench/results/streaming_vs_mergekit.json.
 
     python bench/streaming_vs_mergekit.py [--layers 4 --hidden 2048 --vocab 32000] [--work DIR]
@@ -12,34 +12,40 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from harness import environment, RESULTS
 from llama_checkpoints import write_llama_family
 from scoremerge.io import load_state_dict
 
+WEIGHTS = [1.0, 0.7, 0.5]
+# method -> (shared parameters, per-model parameters beyond the weight)
 CASES = {
-    "task_arithmetic": ({}, [], {"weight": 1.0}),
-    "ties": ({"normalize": True}, ["--option", "scope=tensor", "density=0.5"],
-             {"weight": 1.0, "density": 0.5}),
+    "linear": ({}, [{}, {}, {}]),
+    "task_arithmetic": ({"lambda": 0.8}, [{}, {}, {}]),
+    "ties": ({"normalize": True}, [{"density": 0.5}, {"density": 0.4}, {"density": 0.3}]),
 }
 
 
 def mergekit_config(method, folders, path):
-    """A mergekit YAML for `method` over base folders[0] and experts folders[1:]."""
-    global_params, _, per_model = CASES[method]
-    lines = [f"merge_method: {method}", f"base_model: {folders[0]}", "dtype: float32",
-             "models:"]
-    for f in folders[1:]:
-        lines += [f"  - model: {f}", f"    parameters: {json.dumps(per_model)}"]
-    if global_params:
-        lines.append(f"parameters: {json.dumps(global_params)}")
-    path.write_text("\n".join(lines) + "\n")
+    """A mergekit YAML for `method` over base folders[0] and experts folders[1:] (linear: the
+    experts only, as a linear config has no base)."""
+    shared, per_model = CASES[method]
+    config = {"merge_method": method, "dtype": "float32",
+              "models": [{"model": str(f), "parameters": {"weight": w, **extra}}
+                         for f, w, extra in zip(folders[1:], WEIGHTS, per_model)]}
+    if method != "linear":
+        config["base_model"] = str(folders[0])
+    if shared:
+        config["parameters"] = shared
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 
@@ -71,19 +77,20 @@ def difference(a, b):
                .item() for k in y)
 
 
-def run_case(method, folders, work, input_bytes):
+def run_case(method, folders, work):
+    read = folders[1:] if method == "linear" else folders
+    input_bytes = sum(p.stat().st_size for f in read for p in f.glob("*.safetensors"))
     out_mk, out_sm = work / f"mergekit-{method}", work / f"scoremerge-{method}"
     config = mergekit_config(method, folders, work / f"{method}.yml")
     warm(folders)
+    shutil.rmtree(out_mk, ignore_errors=True)          # mergekit-yaml has no --overwrite
     mk_s, mk_rss = timed([str(Path(sys.executable).parent / "mergekit-yaml"), str(config),
-                          str(out_mk), "--allow-crimes"] + (["--overwrite"] if out_mk.exists()
-                                                            else []))
+                          str(out_mk), "--allow-crimes"])
     warm(folders)
-    sm_s, sm_rss = timed([sys.executable, "-m", "scoremerge", "merge", "--base", str(folders[0]),
-                          "--experts", *map(str, folders[1:]), "--method", method,
-                          *CASES[method][1], "--out", str(out_sm), "--overwrite",
-                          "--no-progress"])
-    return {"method": method, "inputs_GB": input_bytes / 1e9,
+    sm_s, sm_rss = timed([sys.executable, "-m", "scoremerge", "merge", "--config", str(config),
+                          "--out", str(out_sm), "--overwrite", "--no-progress"])
+    return {"method": method, "config": yaml.safe_load(config.read_text()),
+            "inputs_GB": input_bytes / 1e9,
             "mergekit_s": mk_s, "scoremerge_s": sm_s, "speedup": mk_s / sm_s,
             "mergekit_GBps": input_bytes / 1e9 / mk_s, "scoremerge_GBps": input_bytes / 1e9 / sm_s,
             "mergekit_peak_rss_GB": mk_rss / 1e9, "scoremerge_peak_rss_GB": sm_rss / 1e9,
@@ -102,9 +109,8 @@ def main():
     work = Path(a.work)
     folders = write_llama_family(work / "models", layers=a.layers, hidden=a.hidden,
                                  intermediate=a.intermediate, vocab=a.vocab, experts=3)
-    input_bytes = sum(p.stat().st_size for f in folders for p in f.glob("*.safetensors"))
     load_before = os.getloadavg()[0]
-    rows = [run_case(m, folders, work, input_bytes) for m in a.methods]
+    rows = [run_case(m, folders, work) for m in a.methods]
     for r in rows:
         print(json.dumps(r))
     RESULTS.mkdir(exist_ok=True)

@@ -91,14 +91,14 @@ def merge_checked(base, experts, spec, opts, *, alpha, exclude, weights=None, ba
     why); otherwise they must have passed check_models' NaN/Inf scan. names: the base's and
     each expert's, for messages."""
     names = names or ["the base"] + [f"expert {i}" for i in range(len(experts))]
-    if spec.on_models:
-        if alpha != 1:
-            raise MergeInputError(f"method {spec.name!r} averages the experts' weights "
-                                  f"themselves; alpha does not apply (got {alpha})")
-        out = _merge_models(base, experts, spec, opts, weights, exclude, backend, device, dtype)
-    elif spec.entrywise and backend != "reference":
+    if spec.on_models and alpha != 1:
+        raise MergeInputError(f"method {spec.name!r} averages the experts' weights themselves; "
+                              f"alpha does not apply (got {alpha})")
+    if spec.entrywise and backend != "reference":
         return _merge_entrywise(base, experts, spec, opts, weights, alpha, exclude, device, dtype,
                                 allow_nonfinite, names, progress)
+    if spec.on_models:
+        out = _merge_models(base, experts, spec, opts, weights, exclude, device, dtype)
     else:
         taus = _merge(_task_vectors(base, experts), spec, opts, exclude, backend, device, dtype,
                       progress, weights)
@@ -111,9 +111,10 @@ def merge_checked(base, experts, spec, opts, *, alpha, exclude, weights=None, ba
     return out if allow_nonfinite else _finite(out, "merged model")
 
 
-def _merge_models(base, experts, spec, opts, weights, exclude, backend, device, dtype):
-    """merge_checked for a method over the experts' weights (spec.on_models): per key, in the
-    compute dtype, the excluded keys the plain mean of the experts."""
+def _merge_models(base, experts, spec, opts, weights, exclude, device, dtype):
+    """merge_checked for a method over the experts' weights (spec.on_models) by the reference
+    (the fast path is _merge_entrywise's): per key, in the compute dtype, the excluded keys the
+    plain mean of the experts."""
     cdtype = _compute_dtype(dtype, any(x.dtype == torch.float64 for m in (base, *experts)
                                        for x in m.values()))
     device = check_device(device) if device is not None else None
@@ -124,13 +125,8 @@ def _merge_models(base, experts, spec, opts, weights, exclude, backend, device, 
             out[key] = b.clone()
             continue
         x = torch.stack([e[key].to(device=device or b.device, dtype=cdtype) for e in experts])
-        if excluded(key, exclude):
-            merged = x.mean(dim=0)
-        elif backend == "reference":
-            merged = getattr(ref.methods, spec.name)(list(x), **opts, **given)
-        else:
-            merged = spec.fn({key: x}, **opts,
-                             **({} if weights is None else {"weights": _weight_tensor(weights, x)}))[key]
+        merged = x.mean(dim=0) if excluded(key, exclude) else \
+            getattr(ref.methods, spec.name)(list(x), **opts, **given)
         out[key] = merged.to(device=b.device, dtype=b.dtype)
     return out
 
@@ -176,7 +172,7 @@ def _merge_entrywise(base, experts, spec, opts, weights, alpha, exclude, device,
             continue
         out[key] = merge_key(key, b, [e[key] for e in experts],
                              _entrywise_fn(key, spec, opts, weights, excluded(key, exclude)),
-                             alpha=alpha,
+                             alpha=alpha, on_models=spec.on_models,
                              compute_dtype=cdtype, device=device, names=names,
                              allow_nonfinite=allow_nonfinite)
     return out
@@ -186,6 +182,8 @@ def _entrywise_fn(key, spec, opts, weights, is_excluded):
     """The merge of one chunk x [T, L] of task vectors for methods.entrywise, with the weights
     applied as _merge applies them."""
     def fn(x):
+        if is_excluded and spec.on_models:
+            return x.mean(dim=0)                 # the models' plain mean
         if weights is not None and not (spec.weighted and not is_excluded):
             x = x * _weight_tensor(weights, x)[:, None]
         if is_excluded:

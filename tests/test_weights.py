@@ -140,3 +140,52 @@ def test_bad_weights_are_refused(weights, options, match):
 def test_linear_is_not_a_task_vector_method():
     with pytest.raises(MergeInputError, match="merges the experts' weights"):
         scoremerge.merge_task_vectors(random_task_vectors(MIXED_SHAPES, 2, 0), "linear")
+
+
+def test_exact_trim_with_ties_across_the_cut_follows_the_sort():
+    """bf16-like data: many equal magnitudes at the cut, where the selection cannot decide and
+    the argsort's own choice is taken; elsewhere the O(N) selection gives the same set."""
+    g = torch.Generator().manual_seed(9)
+    x = (torch.randint(-4, 5, (3, 50, 40), generator=g).float() / 4)
+    tvs = [{"w": x[t]} for t in range(3)]
+    got = scoremerge.merge_task_vectors(tvs, "ties", density=(0.3, 0.5, 0.75), trim="exact",
+                                        scope="tensor", disjoint="sum")["w"]
+    want = ref.merge_task_vectors(tvs, "ties", density=(0.3, 0.5, 0.75), trim="exact",
+                                  scope="tensor", disjoint="sum")["w"]
+    assert torch.equal(got, want)
+
+
+def test_linear_in_chunks_equals_the_whole_key_to_the_bit():
+    from scoremerge.methods import get
+    g = torch.Generator().manual_seed(2)
+    shapes = {"big": (300, 701), "small": (7,)}
+    base = {k: torch.randn(s, generator=g).to(torch.bfloat16) for k, s in shapes.items()}
+    experts = [{k: torch.randn(s, generator=g).to(torch.bfloat16) for k, s in shapes.items()}
+               for _ in range(3)]
+    got = scoremerge.merge(base, experts, "linear", weights=WEIGHTS)
+    for key, b in base.items():
+        x = torch.stack([e[key].float() for e in experts])
+        want = get("linear").fn({key: x}, weights=torch.tensor(WEIGHTS))[key].to(b.dtype)
+        assert torch.equal(got[key], want), key
+
+
+@pytest.mark.parametrize("n", [(1 << 20) + 3, 3_000_001])
+def test_kth_largest_is_kthvalue_exactly(n):
+    from scoremerge.methods.elementwise import kth_largest
+    g = torch.Generator().manual_seed(n)
+    cases = [torch.randn(n, generator=g).abs(),                                  # continuous
+             torch.randint(0, 7, (n,), generator=g).float(),                     # heavy ties
+             torch.cat([torch.zeros(n - 10), torch.arange(10.0)])]               # skewed
+    for values in cases:
+        for k in (1, 2, n // 3, n // 2 + 1, n - 1, n):
+            assert kth_largest(values, k) == values.kthvalue(n - k + 1).values, k
+
+
+@pytest.mark.parametrize("trim", ["threshold", "exact"])
+def test_ties_on_a_key_larger_than_a_chunk_and_the_sample_matches_the_reference(trim):
+    g = torch.Generator().manual_seed(11)
+    tvs = [{"w": torch.randn(1100, 1001, generator=g)} for _ in range(3)]
+    options = dict(density=(0.3, 0.55, 0.8), scope="tensor", trim=trim, zero_sign="plus")
+    got = scoremerge.merge_task_vectors(tvs, "ties", weights=WEIGHTS, **options)["w"]
+    want = ref.merge_task_vectors(tvs, "ties", weights=WEIGHTS, **options)["w"]
+    assert torch.equal(got, want)

@@ -22,18 +22,19 @@ CPU_CHUNK = 1 << 16           # entries: T + 3 fp32 buffers of 256 KiB stay in t
 
 
 def merge_key(key, base, experts, merge_fn, *, alpha, compute_dtype, device, names,
-              allow_nonfinite=False):
+              allow_nonfinite=False, on_models=False):
     """base + alpha * merge_fn(stacked task vectors [T, L]) for one key, in base's dtype and
     on base's device. merge_fn maps [T, L] to [L] entry-wise. names: base's and each expert's,
     for messages. allow_nonfinite: an entry the update overflows is written as Inf (a NaN or
-    Inf input is refused all the same)."""
+    Inf input is refused all the same). on_models: merge_fn takes the experts' values
+    themselves and its result is the merged value (alpha must be 1)."""
     tau_dtype = torch.promote_types(torch.float32, base.dtype)
     for e in experts:
         tau_dtype = torch.promote_types(tau_dtype, e.dtype)
     n = base.numel()
     out = torch.empty_like(base)
     job = _Job(key, base.reshape(-1), [e.reshape(-1) for e in experts], out.view(-1), merge_fn,
-               alpha, compute_dtype, tau_dtype, device, names, allow_nonfinite)
+               alpha, compute_dtype, tau_dtype, device, names, allow_nonfinite, on_models)
     if device.type != "cpu":
         job.run(0, n, max(n, 1))
     else:
@@ -49,11 +50,11 @@ class _Job:
     """One key's inputs, output and settings; run(start, stop, chunk) merges that span."""
 
     def __init__(self, key, base, experts, out, merge_fn, alpha, compute_dtype, tau_dtype,
-                 device, names, allow_nonfinite):
+                 device, names, allow_nonfinite, on_models):
         self.key, self.base, self.experts, self.out = key, base, experts, out
         self.merge_fn, self.alpha, self.names = merge_fn, alpha, names
         self.compute_dtype, self.tau_dtype, self.device = compute_dtype, tau_dtype, device
-        self.allow_nonfinite = allow_nonfinite
+        self.allow_nonfinite, self.on_models = allow_nonfinite, on_models
 
     def run(self, start, stop, chunk):
         b_buf = torch.empty(chunk, dtype=self.tau_dtype, device=self.device)
@@ -61,14 +62,18 @@ class _Job:
         for lo in range(start, stop, chunk):
             hi = min(stop, lo + chunk)
             b = b_buf[:hi - lo]
-            b.copy_(self.base[lo:hi])
+            if not self.on_models:
+                b.copy_(self.base[lo:hi])
             for t, e in enumerate(self.experts):
-                torch.sub(e[lo:hi].to(self.device), b, out=taus[t, :hi - lo])
+                if self.on_models:
+                    taus[t, :hi - lo].copy_(e[lo:hi])
+                else:
+                    torch.sub(e[lo:hi].to(self.device), b, out=taus[t, :hi - lo])
             x = taus[:, :hi - lo]
             if self.compute_dtype != self.tau_dtype:
                 x = x.to(self.compute_dtype)
             merged = self.merge_fn(x).to(self.tau_dtype)
-            result = plus(b, merged, self.alpha).to(self.out.dtype)
+            result = (merged if self.on_models else plus(b, merged, self.alpha)).to(self.out.dtype)
             if not all_finite(result):
                 _check_inputs(self.key, lo, hi, self.base, self.experts, self.names)
                 if not self.allow_nonfinite:
