@@ -26,7 +26,6 @@ import importlib.metadata
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 
@@ -39,7 +38,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 import scoremerge
 import scoremerge.integrations.fusion_bench as sm
 
-from harness import RESULTS, environment
+from harness import RESULTS, cpu_model, environment, machine_state
 
 METHODS = {    # FusionBench's config arguments, and scoremerge's extra ones
     "tsv": ("TaskSingularVectorMerging", {"alpha": 1, "exclude_keys": None}, {}),
@@ -128,19 +127,6 @@ def compare(name, models, rounds, device):
           f"{row['scoremerge_s']:8.2f} s  ratio {row['ratio']:5.2f}x  update rel err "
           f"{worst:.1e}  entries differing {differ}/{total}", flush=True)
     return row
-
-
-def machine_state():
-    """What else the machine was doing: load averages and the busiest processes."""
-    top = subprocess.run(["ps", "-eo", "pcpu,rss,comm", "--sort=-pcpu"], capture_output=True,
-                         text=True).stdout.splitlines()[:8]
-    return {"loadavg": os.getloadavg(), "busiest_processes": top}
-
-
-def cpu_model():
-    with open("/proc/cpuinfo") as f:
-        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    return f"{names[0]} x {len(names)}" if names else "unknown"
 
 
 def main():

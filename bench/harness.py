@@ -7,7 +7,9 @@ command under bench/results/; on a CPU only the ratios count.
 """
 import datetime
 import json
+import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -83,3 +85,16 @@ def record(name, rows, device):
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({**environment(device), "rows": rows}, indent=2) + "\n")
     return path
+
+
+def machine_state():
+    """What else the machine was doing: load averages and the busiest processes."""
+    top = subprocess.run(["ps", "-eo", "pcpu,rss,comm", "--sort=-pcpu"], capture_output=True,
+                         text=True).stdout.splitlines()[:8]
+    return {"loadavg": os.getloadavg(), "busiest_processes": top}
+
+
+def cpu_model():
+    with open("/proc/cpuinfo") as f:
+        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    return f"{names[0]} x {len(names)}" if names else "unknown"

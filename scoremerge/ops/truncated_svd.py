@@ -11,8 +11,11 @@ def truncated_svd(A, k, *, backend="auto"):
 
     Returns U [..., m, k], S [..., k] (descending), Vh [..., k, n], with ALGORITHMS.md's sign
     convention (the largest-magnitude entry of each u_i is positive). float32 or float64.
-    Backends: torch (float64 Gram matrices and torch's eigensolver, SVD for ill-conditioned
-    items) and cuda (the same with cuSOLVER's batched eigensolver: one call per batch).
+    Backends: torch (float32 on a CPU: a float32 Gram eigensolver refined by float32 products
+    and a small float64 Rayleigh-Ritz problem, kernels/torch/mixed.py; otherwise float64 Gram
+    matrices and torch's eigensolver; items outside either route's guards are redone the float64
+    way or by SVD) and cuda (the float64 Gram route with cuSOLVER's batched eigensolver: one call
+    per batch).
 
     >>> U, S, Vh = truncated_svd(torch.randn(4, 30, 20), 5)
     """
