@@ -12,6 +12,13 @@ from scoremerge.kernels.torch import mixed
 from conftest import rel_err
 
 
+@pytest.fixture(autouse=True)
+def small_shapes_take_this_route(monkeypatch):
+    """The route serves min(m, n) >= mixed._MIN_SIZE only (below, the float64 Gram route is as
+    fast); these tests use small shapes, so the floor is lowered to test the route itself."""
+    monkeypatch.setattr(mixed, "_MIN_SIZE", 1)
+
+
 def orthonormal(m, r, g):
     return torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64))[0]
 
@@ -196,3 +203,14 @@ def test_ops_on_cpu_float32_return_canonical_signs_and_float32():
     U, S, Vh = ops.truncated_svd(A, 5)
     assert U.dtype == S.dtype == Vh.dtype == torch.float32
     assert (torch.gather(U, -2, U.abs().argmax(-2, keepdim=True)) > 0).all()
+
+
+@pytest.mark.parametrize("op", ["truncated_svd", "polar"])
+def test_below_the_size_floor_the_float64_route_serves(op, monkeypatch):
+    monkeypatch.setattr(mixed, "_MIN_SIZE", 192)
+    seen, real = [], getattr(mixed, op)
+    monkeypatch.setattr(mixed, op, lambda A, *args: seen.append(tuple(A.shape)) or real(A, *args))
+    args = (2,) if op == "truncated_svd" else ()
+    getattr(ops, op)(torch.randn(2, 200, 191), *args, backend="torch")
+    getattr(ops, op)(torch.randn(1, 192, 300), *args, backend="torch")
+    assert seen == [(1, 192, 300)]

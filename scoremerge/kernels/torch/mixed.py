@@ -48,17 +48,22 @@ _KAPPA_NO_STEP = 4.0
 # Newton-Schulz step (unpolished: 1.1x float32 SVD's error at kappa 5, 1.65x at 10).
 _KAPPA_DIRECT = 16.0
 _KAPPA_NO_POLISH = 6.0
+# Below this min(m, n) the float64 Gram route is as fast or faster: its eigenproblem is small,
+# and this route's extra steps cost more than they save (SCORE over ViT-block shapes of width d,
+# T = 5, one process, quiet machine: d = 48 28 ms here against 20 ms, 128 49 vs 46, 160 66 vs
+# 65, 192 98 vs 102, 224 119 vs 160, 512 775 vs 1028).
+_MIN_SIZE = 192
 # The refinement's float64 l x l eigenproblem costs (l/n)^3 of a float64 n x n one; past this
 # share of n the float64 Gram route is cheaper than float32 eigh plus refinement.
 _MAX_SUBSPACE_SHARE = 0.7
 
 
 def applies(A):
-    """Whether this route serves A: float32 on a CPU. float64 keeps the float64 Gram route (the
-    tests' reference precision), and CUDA devices keep theirs (linalg.py, with cuSOLVER's
-    eigensolver on the cuda backend). linalg.truncated_svd and linalg.polar, the torch backend's
-    entry points, route here by it."""
-    return A.device.type == "cpu" and A.dtype == torch.float32
+    """Whether this route serves A: float32 on a CPU, with min(m, n) >= _MIN_SIZE. float64
+    keeps the float64 Gram route (the tests' reference precision), and CUDA devices keep theirs
+    (linalg.py, with cuSOLVER's eigensolver on the cuda backend). linalg.truncated_svd and
+    linalg.polar, the torch backend's entry points, route here by it."""
+    return A.device.type == "cpu" and A.dtype == torch.float32 and min(A.shape[-2:]) >= _MIN_SIZE
 
 
 def oversampling(k):
