@@ -36,10 +36,31 @@ def pretrained_and_task_vectors(modelpool):
     return pretrained, taus
 
 
+def pretrained_and_experts(modelpool):
+    """(the pretrained module, its state dict, the experts' state dicts, their names for
+    messages), for the entrywise methods' one pass over base and experts."""
+    if not isinstance(modelpool, BaseModelPool):
+        modelpool = BaseModelPool(modelpool)
+    pretrained = _module(modelpool.load_pretrained_model(), "_pretrained_")
+    experts = [_module(modelpool.load_model(name), name).state_dict()
+               for name in modelpool.model_names]
+    names = ["the pretrained model"] + [f"model {name!r} of the pool"
+                                        for name in modelpool.model_names]
+    return pretrained, pretrained.state_dict(), experts, names
+
+
 def _module(model, name):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model {name!r} of the pool is a {type(model).__name__}; scoremerge's "
                         "FusionBench algorithms merge pools of torch.nn.Module")
+    return model
+
+
+@torch.no_grad()
+def load_state(pretrained, state, inplace=True):
+    """The pretrained module (or a copy of it) holding `state`."""
+    model = pretrained if inplace else copy.deepcopy(pretrained)
+    model.load_state_dict(state)
     return model
 
 

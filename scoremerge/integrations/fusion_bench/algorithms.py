@@ -13,7 +13,9 @@ from fusion_bench import BaseAlgorithm
 from fusion_bench.mixins import LightningFabricMixin, auto_register_config
 
 from ... import api
-from ._pool import exact_names, load_merged, pretrained_and_task_vectors
+from ...validate import check_models, exclude_patterns
+from ._pool import (exact_names, load_merged, load_state, pretrained_and_experts,
+                    pretrained_and_task_vectors)
 
 
 class ScoremergeAlgorithm(BaseAlgorithm, LightningFabricMixin):
@@ -38,12 +40,29 @@ class ScoremergeAlgorithm(BaseAlgorithm, LightningFabricMixin):
 
     @torch.no_grad()
     def run(self, modelpool):
+        plain = type(self).prepare is ScoremergeAlgorithm.prepare and \
+            type(self).finish is ScoremergeAlgorithm.finish
+        if plain and api.methods()[self.method].entrywise:
+            return self._run_entrywise(modelpool)
         pretrained, taus = pretrained_and_task_vectors(modelpool)
         taus = self.prepare(taus)
         tau = api.merge_task_vectors(taus, self.method, exclude=exact_names(self.excluded_names()),
                                      device=self.fabric.device, **self.merge_options(taus))
         tau = self.finish(tau, len(taus))
         return load_merged(pretrained, tau, self.scaling(), getattr(self, "inplace", True))
+
+
+    def _run_entrywise(self, modelpool):
+        """Task arithmetic and MagMax in one pass over pretrained and experts, key by key in
+        cache-sized chunks (methods.entrywise), no task vector held whole: the same arithmetic,
+        FusionBench's order of operations included, so the same bits as the path above."""
+        pretrained, base, experts, names = pretrained_and_experts(modelpool)
+        spec, opts = api.checked_method(self.method, self.merge_options(None), len(experts))
+        check_models([base, *experts], names, values=False)
+        merged = api.merge_checked(base, experts, spec, opts, alpha=self.scaling(),
+                                   exclude=exclude_patterns(exact_names(self.excluded_names())),
+                                   device=self.fabric.device, names=names)
+        return load_state(pretrained, merged, getattr(self, "inplace", True))
 
 
 @auto_register_config
