@@ -9,7 +9,7 @@ bench/results/lora_merge.json.
 
     python bench/lora_merge.py [--hidden 2048 --intermediate 5632 --kv 256 --layers 1 --rank 16
                                 --experts 4 --methods score tsv ... --dense-methods ...
-                                --reference-methods ...]
+                                --reference-methods ... --peft-ranks 16 --peft-full-matrices false]
 """
 import argparse
 import ctypes
@@ -132,8 +132,8 @@ def peft_rows(model, state, tvs, shapes, args):
     import peft
     names, rows = [f"e{t}" for t in range(args.experts)], []
     infos = {k: state[k] for k in shapes}
-    for svd_rank in (args.rank, args.rank * args.experts):
-        for full_matrices in (True, False):
+    for svd_rank in args.peft_ranks or (args.rank, args.rank * args.experts):
+        for full_matrices in args.peft_full_matrices:
             name = f"svd{svd_rank}_{int(full_matrices)}"
             _, t_peft, m_peft = measured(lambda: model.add_weighted_adapter(
                 names, [1.0] * len(names), name, combination_type="svd", svd_rank=svd_rank,
@@ -170,6 +170,11 @@ def main():
     p.add_argument("--backend-check", nargs="*", default=[],
                    help="dense methods also run by api's plain-torch reference backend")
     p.add_argument("--rounds", type=int, default=3, help="rounds of each factored merge")
+    p.add_argument("--peft-ranks", type=int, nargs="*", default=None,
+                   help="svd_rank values for PEFT's svd combination (default: r and T * r)")
+    p.add_argument("--peft-full-matrices", nargs="+", default=[True, False],
+                   type=lambda v: {"true": True, "false": False}[v.lower()],
+                   help="svd_full_matrices values for PEFT (true false)")
     p.add_argument("--name", default="lora_merge")
     args = p.parse_args()
     load_before = os.getloadavg()
