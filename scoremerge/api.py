@@ -85,8 +85,8 @@ def merge_checked(base, experts, spec, opts, *, alpha, exclude, weights=None, ba
                   device=None, dtype=None, progress=False, allow_nonfinite=False, names=None):
     """merge() for callers that have checked everything merge() checks (the CLI, each batch of
     a streaming merge): spec and opts from checked_method, weights from checked_weights, alpha
-    from checked_alpha, exclude
-    from exclude_patterns, the models' keys, shapes and integer keys by check_models. For an
+    from checked_alpha, exclude from exclude_patterns, the models' keys, shapes and integer keys
+    by check_models. For an
     entrywise method the models' values need no check of their own (methods.entrywise says
     why); otherwise they must have passed check_models' NaN/Inf scan. names: the base's and
     each expert's, for messages."""
