@@ -23,7 +23,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
 # Parts to run (environment and install always run): doctor tests projection svd_polar
-# score_merge mix stream doctor_bench, or all.
+# score_merge mix stream online doctor_bench, or all.
 SELECTED=" ${*:-all} "
 BUDGET=${GPU_RUN_BUDGET_S:-450}
 SUMMARY_S=15            # kept back for the summary and the archive
@@ -138,12 +138,17 @@ bench_mix() {
 bench_stream() {
     $PYTEST -s bench/test_streaming_gpu.py
 }
+# OnlineMerger per batch on the GPU, the paper's reading and every strategy (the default
+# included) on the demo model and a ViT-B/16-shaped one, fp32 and bf16: ~40 s (unmeasured here).
+bench_online() {
+    $PYTEST -s bench/test_online.py -k cuda
+}
 # doctor's own quick timing table, if time is left: ~45 s.
 doctor_bench() {
     python3 -m scoremerge doctor --bench --json "$STAGE/doctor_bench.json"
 }
 export -f environment install_package doctor gpu_tests bench_projection bench_svd bench_merge \
-    bench_mix bench_stream doctor_bench
+    bench_mix bench_stream bench_online doctor_bench
 export OUT STAGE PYTEST
 
 part environment 30 5 "$OUT/env.txt" environment
@@ -156,6 +161,7 @@ part svd_polar 90 75 "$OUT/bench.txt" bench_svd; stage svd_gpu svd_polar_vit_b16
 part score_merge 75 50 "$OUT/bench.txt" bench_merge; stage svd_gpu score_merge_vit_b16
 part mix 45 30 "$OUT/bench.txt" bench_mix; stage mix_gpu mix
 part stream 90 60 "$OUT/bench.txt" bench_stream; stage streaming_gpu streaming_7b
+part online 60 40 "$OUT/bench.txt" bench_online; stage online_cuda online
 part doctor_bench 60 45 "$OUT/bench.txt" doctor_bench
 
 tar czf "$OUT/results.tgz" -C "$STAGE" . 2>/dev/null
