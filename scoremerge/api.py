@@ -11,7 +11,8 @@ from .kernels.torch.cores import parallel_map
 from .methods import all_methods, get
 from .methods.entrywise import merge_key, plus
 from .methods.routing import excluded, routes_to_matrix, shape_groups
-from .validate import all_finite, check_device, check_models, exclude_patterns, overflow_error
+from .validate import (all_finite, check_device, check_models, exclude_patterns, finite_number,
+                       overflow_error)
 
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -143,13 +144,11 @@ def checked_weights(weights, n_experts, spec, opts):
     if len(weights) != n_experts:
         raise MergeInputError(f"weights: one per expert: {n_experts} expert(s), "
                               f"{len(weights)} weight(s)")
-    for i, w in enumerate(weights):
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-            raise MergeInputError(f"weights[{i}] must be a finite number, got {shown(w)}")
+    weights = tuple(finite_number(w, f"weights[{i}]") for i, w in enumerate(weights))
     divides = spec.name == "mean" or (spec.name == "linear" and opts.get("normalize"))
     if divides and sum(weights) == 0:
         raise MergeInputError(f"weights sum to 0, and {spec.name} divides by their sum")
-    return tuple(float(w) for w in weights)
+    return weights
 
 
 def _weight_tensor(weights, like):

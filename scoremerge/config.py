@@ -28,7 +28,6 @@ same way whether it came from a file, the command line or both.
 """
 import difflib
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from .errors import MergeInputError, shown
 from .io.write import DEFAULT_MAX_SHARD_SIZE, parse_size
 from .mergekit_yaml import is_mergekit_config, translate
 from .methods import get
-from .validate import check_device
+from .validate import check_device, finite_number
 
 # The one map between the two: `merge` flag (argparse dest) -> key in a config file.
 FILE_KEYS = {
@@ -241,7 +240,7 @@ def _weights(given, file_values, inline, labels, path, n_experts):
         return inline
     if not isinstance(value, (list, tuple)):
         raise _type_error(label, "a list of numbers, one per expert", value)
-    weights = tuple(_number(w, f"{label}[{i}]") for i, w in enumerate(value))
+    weights = tuple(finite_number(w, f"{label}[{i}]") for i, w in enumerate(value))
     if len(weights) != n_experts:
         raise MergeInputError(f"{label}: one weight per expert: {n_experts} expert(s), "
                               f"{len(weights)} weight(s)")
@@ -278,7 +277,7 @@ def _experts(value, label, root):
             if "path" not in entry:
                 raise MergeInputError(f"{where}: missing 'path'")
             if "weight" in entry:
-                weight = _number(entry["weight"], f"{where}.weight")
+                weight = finite_number(entry["weight"], f"{where}.weight")
             entry, where = entry["path"], f"{where}.path"
         paths.append(_resolve(_string(entry, where), root))
         weights.append(weight)
@@ -313,13 +312,6 @@ def _string(value, label):
     if not isinstance(value, str) or not value:
         raise _type_error(label, "a non-empty string", value)
     return value
-
-
-def _number(value, label):
-    # bool is an int to Python, but `alpha: true` is a mistake, not 1.0
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _type_error(label, "a finite number", value)
-    return float(value)
 
 
 def _flag(value, label):
@@ -378,7 +370,7 @@ def _or_none(check):
 
 _CHECKS = {
     "base": _string, "out": _string, "out_adapter": _string, "method": _string,
-    "alpha": _number, "adapter_rank": _or_none(_positive_int),
+    "alpha": finite_number, "adapter_rank": _or_none(_positive_int),
     "exclude": _patterns, "option": _mapping, "device": _or_none(_device),
     "dtype": _or_none(_choice(sorted(COMPUTE_DTYPES))),
     "backend": _choice(BACKENDS + ("reference",)),

@@ -23,6 +23,7 @@ import math
 from pathlib import Path
 
 from .errors import MergeInputError, shown
+from .validate import finite_number
 
 SCHEMA_KEY = "merge_method"
 TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
@@ -133,8 +134,9 @@ def _mergekit_method(method, models, shared, where, notes):
     per_model = {}
     for name in PER_MODEL[method]:
         default = shared.get(name, 1.0)
-        per_model[name] = [_number(params.get(name, default), f"{where}: models[{i}].parameters."
-                                   f"{name}") for i, (_, params) in enumerate(models)]
+        per_model[name] = [finite_number(params.get(name, default),
+                                         f"{where}: models[{i}].parameters.{name}")
+                           for i, (_, params) in enumerate(models)]
     for i, (_, params) in enumerate(models):
         for name in params:
             if name not in PER_MODEL[method]:
@@ -145,7 +147,7 @@ def _mergekit_method(method, models, shared, where, notes):
     if method == "linear":
         return {"method": "linear", "weights": weights,
                 "options": {"normalize": settings["normalize"]}}
-    alpha = _number(settings["lambda"], f"{where}: parameters.lambda")
+    alpha = finite_number(settings["lambda"], f"{where}: parameters.lambda")
     if method == "task_arithmetic":
         if any(d != 1.0 for d in per_model["density"]):
             raise MergeInputError(f"{where}: density: mergekit's task_arithmetic does not trim "
@@ -173,7 +175,7 @@ def _mergekit_method(method, models, shared, where, notes):
 def _scoremerge_method(method, models, shared, where):
     """One of scoremerge's own methods named in a mergekit config."""
     options = dict(shared)
-    alpha = _number(options.pop("lambda", 1.0), f"{where}: parameters.lambda")
+    alpha = finite_number(options.pop("lambda", 1.0), f"{where}: parameters.lambda")
     out = {"method": method, "alpha": alpha, "options": options}
     given = [params.get("weight") for _, params in models]
     for i, (_, params) in enumerate(models):
@@ -183,8 +185,8 @@ def _scoremerge_method(method, models, shared, where):
                                       f"scoremerge's {method} takes per-model weights only; give "
                                       "its options in the top-level `parameters`")
     if any(w is not None for w in given):
-        out["weights"] = [_number(1.0 if w is None else w,
-                                  f"{where}: models[{i}].parameters.weight")
+        out["weights"] = [finite_number(1.0 if w is None else w,
+                                        f"{where}: models[{i}].parameters.weight")
                           for i, w in enumerate(given)]
     return out
 
@@ -261,9 +263,3 @@ def _parameters(params, where):
             raise MergeInputError(f"{where}.{name}: filtered values (`filter:`) are not "
                                   "supported; give one value for every tensor")
     return dict(params)
-
-
-def _number(value, where):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise MergeInputError(f"{where}: must be a finite number, got {shown(value)}")
-    return float(value)

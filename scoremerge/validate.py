@@ -1,4 +1,5 @@
 """Checks on whole models before anything is computed; every error names the key and model."""
+import math
 import re
 from collections.abc import Mapping
 
@@ -15,6 +16,14 @@ def _listing(keys):
     keys = sorted(keys)
     listed = ", ".join(shown(k) for k in keys[:_LIST_AT_MOST])
     return listed + (f" and {len(keys) - _LIST_AT_MOST} more" if len(keys) > _LIST_AT_MOST else "")
+
+
+def finite_number(value, label):
+    """value as a float, or MergeInputError "label: must be a finite number". A bool is an int
+    to Python, but `alpha: true` is a mistake, not 1.0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise MergeInputError(f"{label}: must be a finite number, got {shown(value)}")
+    return float(value)
 
 
 def check_dtype(key, dtype, name):

@@ -123,8 +123,8 @@ def test_streaming_equals_in_memory_with_weights(tmp_path, method, options):
 
 @pytest.mark.parametrize("weights, options, match", [
     ((1.0, 2.0), {}, r"one per expert: 3 expert\(s\), 2 weight\(s\)"),
-    ((1.0, float("nan"), 1.0), {}, r"weights\[1\] must be a finite number"),
-    ((1.0, True, 1.0), {}, r"weights\[1\] must be a finite number"),
+    ((1.0, float("nan"), 1.0), {}, r"weights\[1\]: must be a finite number"),
+    ((1.0, True, 1.0), {}, r"weights\[1\]: must be a finite number"),
     (3.0, {}, r"weights must be a list of numbers"),
     ((1.0, -1.0, 0.0), {"method": "mean"}, r"weights sum to 0, and mean divides"),
     (None, {"method": "ties", "density": (0.5, 0.5)}, r"density.*3 values, one per expert; got 2"),
