@@ -158,7 +158,7 @@ def test_offsets_nudged_off_their_places(specs):
 
 def test_the_shapes_it_accepts_are_tensors_torch_can_hold():
     """A cheap companion of the property: a file the parser accepts gives tensors torch can
-    make (the bug in tests/test_hostile_inputs.py's zero-element shapes is the exception)."""
+    make (the bug in tests/test_hostile_headers.py's zero-element shapes is the exception)."""
     data = file_of({"a": {"dtype": "F32", "shape": [2, 0, 3], "data_offsets": [0, 0]},
                     "b": {"dtype": "BF16", "shape": [3], "data_offsets": [0, 6]}}, bytes(6))
     infos = parsed(data)

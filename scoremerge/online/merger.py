@@ -42,8 +42,9 @@ ENCODER, HEAD = 0, 1
 # bench/online_strategy_sweep.py (its docstring has the rule); bench/results/
 # online_strategy_sweep.json holds every configuration's accuracies and, under "chosen", these:
 # "default" is calibration=records (which the caller must supply), groups=6 by coefficients,
-# group_prior=64, temp_enc=0.05; "search" is step 0.1, momentum 0.5. tests/test_online.py
-# (test_the_defaults_are_the_tuning_sweeps_choice) checks the constants against that file.
+# group_prior=64, temp_enc=0.05; "search" is step 0.1, momentum 0.5.
+# tests/test_online_strategies.py (test_the_defaults_are_the_tuning_sweeps_choice) checks the
+# constants against that file.
 GROUPS, GROUP_BY, GROUP_PRIOR = 6, "coefficients", 64.0
 SEARCH_STEP, SEARCH_MOMENTUM = 0.1, 0.5
 _CHOICES = {"strategy": ("entropy", "search"), "bn": ("batch", "mix"),
