@@ -116,7 +116,7 @@ def _merge_models(base, experts, spec, opts, weights, exclude, device, dtype):
     """merge_checked for a method over the experts' weights (spec.on_models) by the reference
     (the fast path is _merge_entrywise's): per key, in the compute dtype, the excluded keys the
     plain mean of the experts."""
-    cdtype = _compute_dtype(dtype, any(x.dtype == torch.float64 for m in (base, *experts)
+    cdtype = compute_dtype(dtype, any(x.dtype == torch.float64 for m in (base, *experts)
                                        for x in m.values()))
     device = check_device(device) if device is not None else None
     given = {} if weights is None else {"weights": weights}
@@ -159,7 +159,7 @@ def _merge_entrywise(base, experts, spec, opts, weights, alpha, exclude, device,
                      allow_nonfinite, names, progress):
     """merge_checked for an entrywise method: key by key, in chunks (methods.entrywise)."""
     floating = [b for b in base.values() if b.is_floating_point()]
-    cdtype = _compute_dtype(dtype, any(x.dtype == torch.float64 for m in (base, *experts)
+    cdtype = compute_dtype(dtype, any(x.dtype == torch.float64 for m in (base, *experts)
                                        for x in m.values()))
     home = floating[0].device if floating else torch.device("cpu")
     device = check_device(device) if device is not None else home
@@ -244,7 +244,7 @@ def checked_method(method, options, n_tasks):
     return spec, opts
 
 
-def _compute_dtype(dtype, wide):
+def compute_dtype(dtype, wide):
     """float32 unless asked otherwise, or float64 when any input is (`wide`)."""
     if dtype is None:
         return torch.float64 if wide else torch.float32
@@ -257,7 +257,7 @@ def _compute_dtype(dtype, wide):
 def _merge(tvs, spec, opts, exclude, backend, device, dtype, progress, weights=None):
     """Merge validated task vectors: matrix groups batched by shape, the rest per the method;
     the weights as merge_task_vectors defines them."""
-    cdtype = _compute_dtype(dtype, any(x.dtype == torch.float64 for tv in tvs for x in tv.values()))
+    cdtype = compute_dtype(dtype, any(x.dtype == torch.float64 for tv in tvs for x in tv.values()))
     first = tvs[0]
     home = next(iter(first.values())).device if first else torch.device("cpu")
     device = check_device(device) if device is not None else home

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..api import COMPUTE_DTYPES, checked_alpha, checked_method
+from ..api import checked_alpha, checked_method, compute_dtype
 from ..errors import MergeInputError, shown
 from ..kernels.torch.cores import parallel_map
 from ..methods.routing import excluded, routes_to_matrix
@@ -57,7 +57,8 @@ def merge_factored(task_vectors, shapes, method="score", *, exclude=(), dtype=No
                               "scope='tensor' (--option scope=tensor); a global ranking would "
                               "materialize every key's update at once")
     exclude = exclude_patterns(exclude)
-    cdtype = _compute_dtype(dtype, tvs)
+    cdtype = compute_dtype(dtype, any(u.B.dtype == torch.float64 for tv in tvs
+                                      for u in tv.values()))
     T = len(tvs)
 
     def merge_key(key):
@@ -79,16 +80,6 @@ def merge_factored(task_vectors, shapes, method="score", *, exclude=(), dtype=No
     # over all threads: 4-9x on a loaded 2-core machine (SCORE on 7 Llama-shaped keys, T = 4,
     # rank 16: 1.03 s -> 0.25 s).
     return dict(zip(shapes, parallel_map(merge_key, list(shapes))))
-
-
-def _compute_dtype(dtype, tvs):
-    if dtype is None:
-        wide = any(u.B.dtype == torch.float64 for tv in tvs for u in tv.values())
-        return torch.float64 if wide else torch.float32
-    resolved = COMPUTE_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
-    if resolved not in COMPUTE_DTYPES.values():
-        raise MergeInputError(f"compute dtype must be float32 or float64, got {shown(dtype)}")
-    return resolved
 
 
 def _folded(update, dtype):
