@@ -51,7 +51,7 @@ class NvccBuildExt(build_ext):
 
 class BuildPyWithKernelSources(build_py):
     """Copies csrc/*.cuh into the package as scoremerge/_csrc/: a wheel has no csrc/, and the
-    CuPy path (kernels/cuda.py) compiles these at run time where the extension was not built."""
+    CuPy path (ops/mixing/cuda.py) compiles these at run time where the extension was not built."""
 
     def run(self):
         super().run()

@@ -88,7 +88,7 @@ print('triton', triton.__version__)"
 # the targets of each file side by side on the H200 host's 16 cores; pip adds ~10 s.
 install_package() {
     python3 -m pip install --no-build-isolation --no-deps -e . && python3 -c "
-from scoremerge.kernels import cuda
+from scoremerge.backend import cuda
 print('scoremerge._C:', cuda.extension())"
 }
 # The verdict: ~40 s. On the CPU doctor takes 3 s; on the GPU add Triton's compiles of ~60 kernel

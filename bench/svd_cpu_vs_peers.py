@@ -40,7 +40,7 @@ from fusion_bench.method.task_singular_vector.utils.TSVM_utils import \
 
 import scoremerge
 from scoremerge import ref
-from scoremerge.kernels.torch import mixed
+from scoremerge.ops.linalg import cpu_float32 as mixed
 
 from harness import RESULTS, cpu_model, environment, interleaved, machine_state
 from test_merge_cpu import task_vectors

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from scoremerge import backend, ops
-from scoremerge.kernels import cuda as cuda_kernels
+from scoremerge.backend import cuda as cuda_backend
 
 from harness import ceilings, interleaved, record
 from test_mix_cpu import per_parameter_loops, vit_b16_arena
@@ -49,7 +49,7 @@ def _versions():
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             pass
-    ext = cuda_kernels.extension()[0]
+    ext = cuda_backend.extension()[0]
     if ext is not None:
         out["scoremerge._C cuda_runtime"] = ext.cuda_runtime_version()
     return out
@@ -62,7 +62,7 @@ def copy_rate():
     ready = {name: backend.unavailable_reason(name, device) for name in BACKENDS}
     yield rates["copy_GBps"]
     header = {"ceilings": rates, "unavailable": {k: v for k, v in ready.items() if v},
-              "cuda_path": cuda_kernels.route(torch.cuda.current_device())[0], **_versions()}
+              "cuda_path": cuda_backend.route(torch.cuda.current_device())[0], **_versions()}
     record("mix_gpu", [header] + ROWS, "cuda")
 
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from scoremerge import ops
-from scoremerge.kernels.torch import projection as torch_projection
+from scoremerge.ops.projection import batched as torch_projection
 
 from harness import best_time, ceilings, interleaved, record
 

@@ -7,7 +7,7 @@ from tqdm.auto import tqdm
 from . import ref
 from .backend import requested
 from .errors import MergeInputError, shown
-from .kernels.torch.cores import parallel_map
+from .parallel import parallel_map
 from .methods import all_methods, get
 from .methods.entrywise import merge_key, plus
 from .methods.routing import excluded, routes_to_matrix, shape_groups
@@ -39,7 +39,7 @@ def merge_task_vectors(task_vectors, method="score", *, weights=None, exclude=()
     weights: one number per task vector (default all 1). mean: sum_t w_t tau_t / sum_t w_t;
     TIES: each task's kept values scaled by w_t, the disjoint mean weighted; every other method
     merges the scaled task vectors w_t tau_t (the SVD methods decompose them scaled).
-    exclude: regular expressions; matching keys take the mean path (ALGORITHMS.md).
+    exclude: regular expressions; matching keys take the mean path (docs/algorithms.md).
     backend: auto | cuda | triton | torch, or "reference" for scoremerge.ref's per-key loops.
     device: where to compute (inputs may live anywhere); results come back on the inputs' device.
     dtype: compute dtype, float32 (default) or float64 (default when any input is float64).

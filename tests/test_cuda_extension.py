@@ -1,4 +1,4 @@
-"""The CUDA backend of ops.mix (csrc/mix.cuh, csrc/bindings.cu, kernels/cuda.py).
+"""The CUDA backend of ops.mix (csrc/mix.cuh, csrc/bindings.cu, ops/mixing/cuda.py).
 
 Without a GPU: the install built scoremerge._C wherever nvcc is present, and the binding rejects
 bad arguments before touching a device; the kernel sources compile for Hopper with nvcc and, where
@@ -20,7 +20,8 @@ import torch
 
 import scoremerge
 from scoremerge import BackendUnavailableError, backend, ops, ref
-from scoremerge.kernels import cuda as cuda_kernels
+from scoremerge.backend import cuda as cuda_backend
+from scoremerge.ops.mixing import cuda as cuda_mix
 
 from conftest import rel_err
 from test_mix import case, exact
@@ -44,11 +45,11 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 
 @needs_nvcc
 def test_the_install_built_the_extension():
-    ext, why_not = cuda_kernels.extension()
+    ext, why_not = cuda_backend.extension()
     assert ext is not None, why_not
-    assert ext.version() == cuda_kernels.ABI_VERSION and callable(ext.mix)
-    assert ext.BLOCK_ELEMS == cuda_kernels.header_constant("MIX_BLOCK_ELEMS")   # not stale
-    assert ext.THREADS == cuda_kernels.header_constant("MIX_THREADS")
+    assert ext.version() == cuda_backend.ABI_VERSION and callable(ext.mix)
+    assert ext.BLOCK_ELEMS == cuda_backend.header_constant("MIX_BLOCK_ELEMS")   # not stale
+    assert ext.THREADS == cuda_backend.header_constant("MIX_THREADS")
     assert ext.cuda_runtime_version() >= 12000
 
 
@@ -75,7 +76,7 @@ GOOD = dict(in_dtype="float32", out_dtype="bfloat16", experts=1 << 20, row_strid
     ({"n_blocks": -1}, "n_blocks must be in 0.."),
 ])
 def test_the_binding_checks_its_arguments_before_the_device(change, message):
-    ext, why_not = cuda_kernels.extension()
+    ext, why_not = cuda_backend.extension()
     assert ext is not None, why_not
     with pytest.raises(ValueError, match=message):
         ext.mix(**{**GOOD, **change})
@@ -84,9 +85,9 @@ def test_the_binding_checks_its_arguments_before_the_device(change, message):
 
 @needs_nvcc
 def test_the_extension_and_the_cupy_path_choose_the_same_kernel():
-    ext, why_not = cuda_kernels.extension()
+    ext, why_not = cuda_backend.extension()
     assert ext is not None, why_not
-    names = set(cuda_kernels.instantiations())
+    names = set(cuda_mix.instantiations())
     pairs = [(i, o) for i in ("float32", "bfloat16", "float16") for o in ("float32", "bfloat16",
                                                                             "float16")]
     addresses = [4096 + d for d in (0, 2, 4, 8, 12)]
@@ -94,14 +95,14 @@ def test_the_extension_and_the_cupy_path_choose_the_same_kernel():
             pairs + [("float64", "float64")], (1, 2, 4, 5, 8, 9, 16, 17, 1000),
             (1024, 1025, 1026, 1028), addresses, addresses):
         choice = ext.instantiation(i, o, K, stride, experts, out)
-        assert choice == cuda_kernels.instantiation(i, o, K, stride, experts, out)
-        assert cuda_kernels.kernel_name(i, o, *choice) in names
+        assert choice == cuda_mix.instantiation(i, o, K, stride, experts, out)
+        assert cuda_mix.kernel_name(i, o, *choice) in names
 
 
 @needs_nvcc
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a usable GPU")
 def test_a_launch_without_a_gpu_raises_the_cuda_error():
-    ext, _ = cuda_kernels.extension()
+    ext, _ = cuda_backend.extension()
     with pytest.raises(RuntimeError, match="mix: kernel launch failed: "):
         ext.mix(**{**GOOD, "n_blocks": 1})
     assert ext.kernel_error()                      # the reason route() would give
@@ -112,8 +113,8 @@ def test_a_launch_without_a_gpu_raises_the_cuda_error():
 @needs_nvcc
 def test_every_cupy_instantiation_compiles_for_hopper_with_nvcc(tmp_path):
     """nvcc -cubin (front end and ptxas, no host compiler) of the header CuPy would get."""
-    (tmp_path / "mix.cuh").write_text(cuda_kernels.source())
-    names = cuda_kernels.instantiations()
+    (tmp_path / "mix.cuh").write_text(cuda_backend.source())
+    names = cuda_mix.instantiations()
     (tmp_path / "all.cu").write_text('#include "mix.cuh"\nvoid* kernels[] = {\n'
                                      + ",\n".join(f"(void*)&{n}" for n in names) + "};\n")
     command = [NVCC, "-std=c++17", "-arch=sm_90", "-cubin", "all.cu", "-o", "all.cubin"]
@@ -138,9 +139,9 @@ def test_every_cupy_instantiation_compiles_with_nvrtc():
     lib = ctypes.CDLL(_libnvrtc())
     lib.nvrtcGetErrorString.restype = ctypes.c_char_p
     prog = ctypes.c_void_p()
-    assert lib.nvrtcCreateProgram(ctypes.byref(prog), cuda_kernels.source().encode(), b"mix.cuh",
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), cuda_backend.source().encode(), b"mix.cuh",
                                   0, None, None) == 0
-    names = cuda_kernels.instantiations()
+    names = cuda_mix.instantiations()
     for name in names:
         assert lib.nvrtcAddNameExpression(prog, name.encode()) == 0
     options = (ctypes.c_char_p * 2)(b"-std=c++17", b"-arch=sm_90")
@@ -162,17 +163,17 @@ def test_the_kernel_sources_travel_with_a_wheel(tmp_path):
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "SCOREMERGE_SKIP_CUDA_BUILD": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (tmp_path / "scoremerge" / "_csrc" / "mix.cuh").read_text() == cuda_kernels.source()
-    assert cuda_kernels.SOURCE_DIRS[0] == Path(scoremerge.__file__).resolve().parent / "_csrc"
+    assert (tmp_path / "scoremerge" / "_csrc" / "mix.cuh").read_text() == cuda_backend.source()
+    assert cuda_backend.SOURCE_DIRS[0] == Path(scoremerge.__file__).resolve().parent / "_csrc"
 
 
 # ---- the loader and the backend choice (no GPU needed) ---------------------------------------
 
 def test_the_loader_says_why_it_cannot_run(monkeypatch):
     assert "run on CUDA devices; got cpu" in backend.unavailable_reason("cuda", torch.device("cpu"))
-    monkeypatch.setattr(cuda_kernels, "extension", lambda: (None, "_C was not built"))
+    monkeypatch.setattr(cuda_backend, "extension", lambda: (None, "_C was not built"))
     monkeypatch.setitem(sys.modules, "cupy", None)          # import cupy raises ImportError
-    via, why = cuda_kernels.route.__wrapped__(0)
+    via, why = cuda_backend.route.__wrapped__(0)
     assert via is None and "_C was not built" in why and "pip install cupy-cuda13x" in why
     with pytest.raises(BackendUnavailableError, match="backend 'cuda' cannot run mix on cpu"):
         ops.mix(torch.randn(2, 5), torch.ones(2), backend="cuda")
@@ -185,7 +186,7 @@ def test_dtype_pairs_without_a_kernel_take_the_next_backend(monkeypatch, experts
     monkeypatch.setattr(backend, "unavailable_reason", lambda name, device: None)
     wide = torch.float64 in (experts, coeffs, out)
     has_kernel = not wide or experts == out == torch.float64
-    why = cuda_kernels.lacks(experts, coeffs, out)
+    why = cuda_mix.lacks(experts, coeffs, out)
     assert (why is None) == has_kernel
     gpu_device, implemented = torch.device("cuda"), ("cuda", "triton", "torch")
     unsupported = {"cuda": why} if why else None
@@ -208,7 +209,7 @@ LAYOUTS = ["aligned", "experts+1", "out+1", "odd_stride"]
 KG = [(1, 1), (3, 2), (5, 5), (16, 2), (17, 1), (17, 5)]
 
 
-MISSING = {"extension": (cuda_kernels.extension()[0] is None, "scoremerge._C not built"),
+MISSING = {"extension": (cuda_backend.extension()[0] is None, "scoremerge._C not built"),
            "cupy": (importlib.util.find_spec("cupy") is None, "cupy not installed")}
 
 
@@ -253,7 +254,7 @@ def test_the_cuda_kernel_matches_the_reference(via, dtype, out_dtype, layout, K,
     N = 2 * 8192 + 4097                            # blocks of every length, groups at odd offsets
     values, coeffs, bounds, experts, out, poisoned = _case(K, N, G, dtype, out_dtype, layout,
                                                            seed=K + G)
-    assert cuda_kernels.mix(experts, coeffs.to("cuda"), bounds, out, via=via) is out
+    assert cuda_mix.mix(experts, coeffs.to("cuda"), bounds, out, via=via) is out
     _check(out, values, coeffs, bounds, out_dtype)
     written = slice(1, N + 1) if layout == "out+1" else slice(0, N)
     assert poisoned[:written.start].isnan().all() and poisoned[written.stop:].isnan().all()
@@ -272,7 +273,7 @@ def test_the_kernel_runs_on_torchs_current_stream(via):
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         out = torch.full((N,), float("nan"), device="cuda")
-        cuda_kernels.mix(experts, coeffs, [0, N], out, via=via)
+        cuda_mix.mix(experts, coeffs, [0, N], out, via=via)
         copy = out.clone()
     side.synchronize()
     assert not copy.isnan().any()

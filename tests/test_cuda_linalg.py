@@ -1,5 +1,5 @@
 """The CUDA truncated SVD and polar factor without a GPU: the extension's eigensolver bindings check
-their arguments on the host; kernels/cuda_linalg.py reads cuSOLVER's column-major output right
+their arguments on the host; ops/linalg/cuda.py reads cuSOLVER's column-major output right
 (checked against a stand-in that honours cusolverDnXsyevBatched's contract through raw pointers);
 items the solver does not converge on are redone; the Gram route with any eigensolver matches
 the reference. The GPU runs are tests/test_linalg_gpu.py."""
@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from scoremerge import BackendUnavailableError, ops, ref
-from scoremerge.kernels import cuda, cuda_linalg
-from scoremerge.kernels.torch import linalg as gram_route
+from scoremerge.backend import cuda
+from scoremerge.ops.linalg import cuda as cuda_linalg
+from scoremerge.ops.linalg import gram64 as gram_route
 
 from test_cuda_extension import needs_nvcc
 

@@ -17,10 +17,12 @@ import scoremerge
 from scoremerge import BackendUnavailableError, backend, cli, ops
 from scoremerge.doctor import bench, checks, environment
 from scoremerge.doctor.cases import CASES
-from scoremerge.kernels import cuda as cuda_kernels
-from scoremerge.kernels.torch import linalg as torch_linalg
-from scoremerge.kernels.torch import mixing as torch_mixing
-from scoremerge.kernels.torch import projection as torch_projection
+
+from scoremerge.ops.linalg import batched as torch_linalg
+from scoremerge.ops.linalg import cuda as cuda_linalg
+from scoremerge.ops.mixing import batched as torch_mixing
+from scoremerge.ops.mixing import cuda as cuda_mix
+from scoremerge.ops.projection import batched as torch_projection
 
 CPU = torch.device("cpu")
 
@@ -229,7 +231,7 @@ def cuda_looks_available(monkeypatch):
     def failing_mix(*args):
         calls.append(1)
         raise RuntimeError("CUDA driver version is insufficient for CUDA runtime version")
-    monkeypatch.setattr(cuda_kernels, "mix", failing_mix)
+    monkeypatch.setattr(cuda_mix, "mix", failing_mix)
     return calls
 
 
@@ -257,7 +259,7 @@ def test_a_named_backend_still_raises(cuda_looks_available):
 def test_input_errors_are_not_kernel_failures(cuda_looks_available, monkeypatch):
     def rejecting(*args):
         raise ValueError("experts is not aligned to its element size")
-    monkeypatch.setattr(cuda_kernels, "mix", rejecting)
+    monkeypatch.setattr(cuda_mix, "mix", rejecting)
     with pytest.raises(ValueError, match="not aligned"):
         ops.mix(torch.randn(2, 9), torch.ones(2))
     assert backend._FAILED == {}
@@ -268,7 +270,7 @@ def test_the_linear_algebra_falls_back_too(monkeypatch):
 
     def missing_library(*args):
         raise OSError("libcusolver.so.12: cannot open shared object file")
-    monkeypatch.setattr(scoremerge.kernels.cuda_linalg, "polar", missing_library)
+    monkeypatch.setattr(cuda_linalg, "polar", missing_library)
     A = torch.randn(2, 9, 5, dtype=torch.float64)
     with pytest.warns(backend.KernelFallbackWarning, match="cuda kernel for polar"):
         got = ops.polar(A)

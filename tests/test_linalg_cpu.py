@@ -1,4 +1,4 @@
-"""The float32 CPU route of truncated_svd and polar (kernels/torch/mixed.py) against float64
+"""The float32 CPU route of truncated_svd and polar (ops/linalg/cpu_float32.py) against float64
 torch.linalg.svd, with tolerances earned from float32 torch.linalg.svd's own error on the same
 inputs; that it is the route taken; and that its fall-back carries what it declines."""
 import pytest
@@ -6,8 +6,8 @@ import torch
 
 import scoremerge
 from scoremerge import ops, ref
-from scoremerge.kernels.torch import linalg as gram64
-from scoremerge.kernels.torch import mixed
+from scoremerge.ops.linalg import cpu_float32 as mixed
+from scoremerge.ops.linalg import gram64
 
 from conftest import rel_err
 
@@ -85,7 +85,7 @@ def declined(*_):
 def test_truncated_svd_within_twice_float32_svd_error(kind, m, n, k, monkeypatch):
     g = torch.Generator().manual_seed(m * n + k)
     A = torch.stack([make_matrix(kind, m, n, g) for _ in range(2)])
-    monkeypatch.setattr(mixed.gram64, "gram_truncated_svd", declined)
+    monkeypatch.setattr(mixed.gram64, "truncated_svd", declined)
     got = mixed.truncated_svd(A.float(), k)
     assert all(x.dtype == torch.float32 for x in got)
     for b in range(2):
@@ -98,7 +98,7 @@ def test_truncated_svd_within_twice_float32_svd_error(kind, m, n, k, monkeypatch
 def test_full_rank_svd_of_a_well_conditioned_matrix(monkeypatch):
     g = torch.Generator().manual_seed(5)
     A = with_spectrum(83, 47, torch.linspace(1, 0.1, 47, dtype=torch.float64), g)[None]
-    monkeypatch.setattr(mixed.gram64, "gram_truncated_svd", declined)
+    monkeypatch.setattr(mixed.gram64, "truncated_svd", declined)
     U, S, Vh = mixed.truncated_svd(A.float(), 47)
     Ur, Sr, Vhr = ref.truncated_svd(A.float(), 47)
     answer = ref.truncated_svd(A, 47)
@@ -171,7 +171,7 @@ def test_the_condition_check_sorts_by_kappa():
 
 @pytest.mark.parametrize("op", ["truncated_svd", "polar"])
 def test_the_torch_backend_takes_this_route_for_float32_on_a_cpu_only(op, monkeypatch):
-    """ops -> linalg (the torch backend's entry points) -> here, for float32 with torch's own
+    """ops -> batched.py (the torch backend's entry points) -> here, for float32 with torch's own
     eigensolver; float64 and other eigensolvers (the cuda backend's) keep the float64 route."""
     seen, real = [], getattr(mixed, op)
     monkeypatch.setattr(mixed, op, lambda A, *args: seen.append(A.dtype) or real(A, *args))

@@ -15,7 +15,7 @@ Bounds, per batch item; s* are the float64 singular values of the input as the o
   at second order (A - A_k is orthogonal to A_k's row and column spaces): rounding U, S, Vh to
   fp32 adds about (eps32 ||A||)^2 to e^2.
 - Orthonormality: max |U^T U - I| and max |Vh Vh^T - I|. fp32: <= tol. fp64: the Gram route
-  (kernels/torch/linalg.py) derives one factor as X V / s from the eigenvectors of a float64 Gram
+  (ops/linalg/gram64.py) derives one factor as X V / s from the eigenvectors of a float64 Gram
   matrix, so its columns are orthogonal only to about eps64 * kappa^2 (kappa = s*_1 / s*_k) up to
   kappa = 1e4, past which the item is recomputed by SVD: bound max(1e-10, GRAM_C * eps64 * kappa^2)
   (kappa < 1e4), else 1e-10. GRAM_C: see its comment.
@@ -51,7 +51,7 @@ EPS64 = torch.finfo(torch.float64).eps
 # the CPU on these inputs: c <= 0.2 where kappa > 100 (and the bound exceeds the 1e-10 floor only
 # past kappa ~ 700); 100 leaves cuSOLVER's eigensolver 500x.
 GRAM_C = 100.0
-MAX_KAPPA = 1e4          # kernels/torch/linalg.py's _MAX_KAPPA: beyond it, items are redone by SVD
+MAX_KAPPA = 1e4          # ops/linalg/gram64.py's _MAX_KAPPA: beyond it, items are redone by SVD
 
 
 def generator(seed):

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from scoremerge import ref
-from scoremerge.kernels import cuda as cuda_kernels
-from scoremerge.kernels.mix_plan import plan
+from scoremerge.backend import cuda as cuda_backend
+from scoremerge.ops.mixing import cuda as cuda_mix
+from scoremerge.ops.mixing.plan import plan
 
 from conftest import rel_err
 from test_mix import case, exact
@@ -22,7 +23,7 @@ CXX = shutil.which("c++") or shutil.which("g++")
 PAIRS = [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
          (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
          (torch.float64, torch.float64)]                  # mix_on_host's pair codes, in order
-BLOCK = cuda_kernels.header_constant("MIX_BLOCK_ELEMS")
+BLOCK = cuda_backend.header_constant("MIX_BLOCK_ELEMS")
 
 pytestmark = pytest.mark.skipif(CXX is None, reason="no host C++ compiler")
 
@@ -46,13 +47,13 @@ def kernel(tmp_path_factory):
     run.argtypes = [ctypes.c_int, ctypes.c_int, Args]
 
     def mix(experts, coeffs, bounds, out, vector=None, block=BLOCK):
-        """The launch, on the host: the vector path where kernels/cuda.py would take it. The
+        """The launch, on the host: the vector path where ops/mixing/cuda.py would take it. The
         kernel takes any block length (it loops over tiles), not only the table's usual one."""
         K, N = experts.shape
         row_stride = experts.stride(0) if K > 1 else N
         if vector is None:
-            vector = cuda_kernels.instantiation(
-                cuda_kernels.DTYPE_NAMES[experts.dtype], cuda_kernels.DTYPE_NAMES[out.dtype], K,
+            vector = cuda_mix.instantiation(
+                cuda_mix.DTYPE_NAMES[experts.dtype], cuda_mix.DTYPE_NAMES[out.dtype], K,
                 row_stride, experts.data_ptr(), out.data_ptr())[1] > 1
         wide = experts.dtype == torch.float64
         coeffs = coeffs.to(torch.float64 if wide else torch.float32).contiguous()

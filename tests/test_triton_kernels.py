@@ -14,7 +14,7 @@ import torch
 import scoremerge
 from scoremerge import BackendUnavailableError, ops, ref
 from scoremerge.backend import resolve
-from scoremerge.ops._checks import default_precision
+from scoremerge.ops.checks import default_precision
 
 from conftest import MIXED_SHAPES, rel_err, random_task_vectors
 

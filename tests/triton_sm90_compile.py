@@ -6,9 +6,9 @@ import inspect
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from scoremerge.kernels.triton import bmm as bmm_mod
-from scoremerge.kernels.triton import mix as mix_mod
-from scoremerge.kernels.triton import project_and_mask as pm
+from scoremerge.ops.mixing import triton as mix_mod
+from scoremerge.ops.projection import triton as pm
+from scoremerge.ops.projection import triton_bmm as bmm_mod
 
 target = GPUTarget("cuda", 90, 32)
 

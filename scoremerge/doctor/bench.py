@@ -3,7 +3,7 @@ the plain-torch reference (scoremerge.ref) on the same inputs in the same proces
 device's copy bandwidth and matmul rate measured in the same run. About a minute on a GPU, a
 few seconds on a CPU (smaller shapes: the figures that count there are the ratios).
 
-Timing follows bench/harness.py (DESIGN.md, "Measuring"): a warm-up call (Triton compiles and
+Timing follows bench/harness.py (docs/architecture.md, "Measuring"): a warm-up call (Triton compiles and
 autotunes in it), then minima over rounds that alternate fast path and reference, with device
 syncs. bench/ holds the full benchmarks; this is the quick look a user can run.
 """

@@ -55,7 +55,7 @@ def _svd_make(shape, dtype, g):
 
 def _svd_align(outputs, answer):
     """Singular vectors are unique up to a sign per pair; the op and the reference fix it the
-    same way (ALGORITHMS.md), but where a column's two largest entries nearly tie, rounding may
+    same way (docs/algorithms.md), but where a column's two largest entries nearly tie, rounding may
     pick the other one. Flip each pair to agree with the answer's, so only values are compared."""
     U, S, Vh = outputs
     sign = torch.sign((U.double() * answer[0]).sum(dim=-2))
@@ -65,7 +65,7 @@ def _svd_align(outputs, answer):
 
 def _svd_growth(answer, inputs):
     """kappa = s_1 / s_k of the kept triplets: float64 Gram eigenvectors carry eps64 * kappa^2
-    where the reference's SVD carries eps64 * kappa (kernels/torch/linalg.py)."""
+    where the reference's SVD carries eps64 * kappa (ops/linalg/gram64.py)."""
     S = answer[1]
     return (S[..., 0] / S[..., -1]).max().item()
 

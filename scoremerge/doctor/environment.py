@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 
 from .._version import __version__
-from ..kernels import cuda as cuda_kernels
-from ..kernels import cuda_linalg
+from ..backend import cuda as cuda_backend
 
 FATBIN_MAGIC = 0xBA55ED50
 
@@ -86,9 +85,9 @@ def extension_status(device):
     the device (its own answer: the kernel image loads, or the CUDA error)."""
     spec = importlib.util.find_spec("scoremerge._C")
     if spec is None or spec.origin is None:
-        return {"built": False, "note": cuda_kernels.extension()[1]}
+        return {"built": False, "note": cuda_backend.extension()[1]}
     out = {"built": True, "path": spec.origin, **fatbin_architectures(spec.origin)}
-    ext, why_not = cuda_kernels.extension()
+    ext, why_not = cuda_backend.extension()
     if ext is None:
         return {**out, "note": why_not}
     out["cuda_runtime"] = _cuda_version_text(ext.cuda_runtime_version())
@@ -136,12 +135,12 @@ def _arch_number(name):
 def cusolver_status(device):
     """Whether cuSOLVER's batched eigensolver (cusolverDnXsyevBatched) is found: the CUDA SVD
     and polar factor need it. On a GPU this is the backend's own answer."""
-    ext, why_not = cuda_kernels.extension()
+    ext, why_not = cuda_backend.extension()
     if ext is None:
         return {"found": False, "note": f"needs scoremerge._C: {why_not}"}
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        why = cuda_linalg.unavailable_reason(index)
+        why = cuda_backend.eigensolver_unavailable(index)
         return {"found": why is None, **({"note": why} if why else {})}
     error = ext.eigh_error()                    # the library search alone runs without a GPU
     return {"found": not error, **({"note": error} if error else {})}
@@ -179,7 +178,7 @@ def cuda_mix_path(device):
     if device.type != "cuda":
         return {"path": None, "note": "needs a CUDA device"}
     index = device.index if device.index is not None else torch.cuda.current_device()
-    via, why = cuda_kernels.route(index)
+    via, why = cuda_backend.route(index)
     return {"path": via, **({"note": why} if why else {})}
 
 

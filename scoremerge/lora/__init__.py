@@ -1,4 +1,4 @@
-"""LoRA experts merged in factored form (issue 20).
+"""LoRA experts merged in factored form.
 
 PEFT adapters of one base are read as factored task vectors (load_adapter), merged with SCORE,
 TSV-M, Iso-C, Iso-CTS, task arithmetic or mean without forming a weight-sized matrix (TIES and

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ref.linalg import canonical_signs
+from ..ops.linalg.signs import canonical_signs
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def svd(update, k=None):
     B = Qb Rb and A^T = Qa Ra (thin QRs), so s B A = Qb (s Rb Ra^T) Qa^T, and the SVD of that
     small core Uc S Vch gives U = Qb Uc, Vh = Vch Qa^T. k defaults to every triplet the core
     has (min(m, n, r)). Returns U [..., m, k], S [..., k] descending, Vh [..., k, n] with
-    ALGORITHMS.md's sign convention, in the factors' dtype.
+    docs/algorithms.md's sign convention, in the factors' dtype.
 
     >>> U, S, Vh = svd(LowRank(torch.randn(300, 16), torch.randn(16, 200)), k=8)
     """

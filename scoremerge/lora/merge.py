@@ -21,7 +21,7 @@ import torch
 
 from ..api import checked_alpha, checked_method, compute_dtype
 from ..errors import MergeInputError, shown
-from ..kernels.torch.cores import parallel_map
+from ..parallel import parallel_map
 from ..methods.routing import excluded, routes_to_matrix
 from ..validate import all_finite, check_dtype, exclude_patterns, overflow_error
 from . import methods

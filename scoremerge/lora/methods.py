@@ -1,4 +1,4 @@
-"""The matrix methods of ALGORITHMS.md on factored updates, one key at a time.
+"""The matrix methods of docs/algorithms.md on factored updates, one key at a time.
 
 Each function takes one key's updates, a list over the T experts of LowRank (scaling folded in,
 in the compute dtype) or None where an expert does not adapt the key (a zero update), and

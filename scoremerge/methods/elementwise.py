@@ -9,7 +9,7 @@ import math
 import torch
 
 from .. import ref
-from ..kernels.torch.cores import parallel_map
+from ..parallel import parallel_map
 from .entrywise import CPU_CHUNK
 from .registry import Option, merge_method
 

@@ -15,7 +15,7 @@ to the bit as merging the whole key at once.
 import torch
 
 from ..errors import MergeInputError, shown
-from ..kernels.torch.cores import parallel_map
+from ..parallel import parallel_map
 from ..validate import all_finite, overflow_error
 
 CPU_CHUNK = 1 << 16           # entries: T + 3 fp32 buffers of 256 KiB stay in the L2 cache

@@ -7,7 +7,7 @@ TSV_PAPER = "Gargiulo et al., Task Singular Vectors: Reducing Task Interference 
 
 
 def shared_basis(tau, backend):
-    """ALGORITHMS.md steps 1-3 for tau [B, T, m, n], k = min(m, n) // T.
+    """SCORE's steps 1-3 (docs/algorithms.md) for tau [B, T, m, n], k = min(m, n) // T.
 
     Returns Ustar [B, m, Tk], the concatenated singular values [B, Tk], Vstar [B, Tk, n].
     """

@@ -1,5 +1,5 @@
 """OnlineMerger: merging of K experts afresh for every unlabeled test batch, from the entropy of
-their predictions (ALGORITHMS.md, "Entropy-adaptive online merging"), forward passes only.
+their predictions (docs/algorithms.md, "Entropy-adaptive online merging"), forward passes only.
 
 Per batch x, strategy="entropy" (the paper's reading when calibration=None and groups=1):
   1. every expert on x (K passes, or one vmap pass over the K stacked parameter sets), reading

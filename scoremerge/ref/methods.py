@@ -1,4 +1,4 @@
-"""Every merge method of ALGORITHMS.md as a literal per-key loop in plain torch.
+"""Every merge method of docs/algorithms.md as a literal per-key loop in plain torch.
 
 This is the ground truth the batched backends are tested against and the baseline they are
 benchmarked against: readable first, fast never. Each matrix method takes the list of one key's
@@ -8,8 +8,8 @@ import re
 
 import torch
 
-from .linalg import polar, truncated_svd
-from .projection import project_and_mask, reconstruct
+from ..ops.linalg.naive import polar, truncated_svd
+from ..ops.projection.naive import project_and_mask, reconstruct
 
 MATRIX_METHODS = ("score", "tsv", "iso_c", "iso_cts")
 WEIGHTED_METHODS = ("mean", "ties")        # take the weights themselves (merge_task_vectors)
@@ -45,7 +45,7 @@ def iso_c(taus):
 
 
 def iso_cts_sizes(r, T, common_space_fraction=0.8):
-    """(common size c, per-task size n_t) of Iso-CTS for rank r and T tasks (ALGORITHMS.md)."""
+    """(common size c, per-task size n_t) of Iso-CTS for rank r and T tasks (docs/algorithms.md)."""
     c = int(common_space_fraction * r)
     ts = round((r - c) / T) * T
     return r - ts, ts // T

@@ -1,10 +1,11 @@
 """ops.entropy_weights: per-batch mixing coefficients from the entropy of K experts' predictions
-(the small fused step of online merging, between the expert passes and the mixing kernel)."""
+(the small step of online merging between the expert passes and the mixing kernel). One plain
+torch implementation, checked against naive.py's per-expert, per-sample loop."""
 import math
 
 import torch
 
-from ..errors import MergeInputError
+from ...errors import MergeInputError
 
 
 def entropy_weights(logits, temperature, *, per_sample=False):

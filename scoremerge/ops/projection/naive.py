@@ -1,5 +1,5 @@
-"""Plain-torch references for SCORE's masked projection and the reconstruction (ALGORITHMS.md
-steps 4-7), written one key and one task at a time."""
+"""Plain-torch references for SCORE's masked projection and the reconstruction
+(docs/algorithms.md, steps 4-7), written one key and one task at a time."""
 import torch
 
 

@@ -1,5 +1,5 @@
-"""Plain-torch reference for multi-expert weighted parameter mixing (ALGORITHMS.md, last section),
-written one group and one expert at a time."""
+"""Plain-torch reference for multi-expert weighted parameter mixing (docs/algorithms.md,
+"Multi-expert mixing"), written one group and one expert at a time."""
 import torch
 
 

@@ -1,20 +1,11 @@
-"""Plain torch.linalg decompositions: the ground truth for ops.truncated_svd and ops.polar.
+"""The references of truncated_svd and polar: plain torch.linalg.svd, literal, the ground truth
+for the tests and benchmarks (scoremerge.ref.linalg).
 
 Every function accepts a batch of matrices [..., m, n] and computes in the dtype it is given.
 """
 import torch
 
-
-def canonical_signs(U, Vh):
-    """Flip each singular pair so the largest-magnitude entry of u_i is positive.
-
-    U: [..., m, k], Vh: [..., k, n]. Ties go to the first such entry (argmax returns the first).
-    This is ALGORITHMS.md's sign convention; it makes SCORE's full/offdiag variants reproducible.
-    """
-    idx = U.abs().argmax(dim=-2, keepdim=True)  # [..., 1, k]
-    sign = torch.gather(U, -2, idx).sign()
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    return U * sign, Vh * sign.mT
+from .signs import canonical_signs
 
 
 def truncated_svd(A, k):

@@ -1,42 +1,28 @@
-"""The CUDA backend of truncated_svd and polar: the float64 Gram route of kernels/torch/linalg.py
+"""The CUDA backend of truncated_svd and polar: the float64 Gram route of gram64.py
 with its eigensolver swapped for cuSOLVER's batched one (csrc/eigh.cu), one call per batch.
 
 The Gram products are cuBLAS DGEMMs through torch (the H200 runs float64 products on its tensor
 cores); the eigen-decompositions are where torch loses time on a GPU: torch.linalg.eigh batches
 only up to 32x32 and loops one matrix at a time above that. This path needs the built extension
 (there is no kernel source for CuPy to compile: it is a library call) and a cuSOLVER with
-cusolverDnXsyevBatched (CUDA 12.6 update 2 or newer), found in the process at run time.
+cusolverDnXsyevBatched (CUDA 12.6 update 2 or newer), found in the process at run time
+(backend/cuda.py: eigensolver_unavailable).
 """
 import contextlib
-import functools
 
 import torch
 
-from . import cuda
-from .torch import linalg as gram_route
+from ...backend import cuda as cuda_backend
+from . import gram64
 
 _DTYPES = {torch.float64: "float64", torch.float32: "float32"}
-
-
-@functools.cache
-def unavailable_reason(device_index):
-    """None when the batched eigensolver runs on cuda:device_index, else why not."""
-    ext, why_not = cuda.extension()
-    if ext is None:
-        return why_not
-    # torch may load cuSOLVER lazily; one small eigh makes sure the process holds the copy torch
-    # uses before the extension looks for it (and decides once).
-    torch.linalg.eigh(torch.eye(2, dtype=torch.float64, device=f"cuda:{device_index}"))
-    with torch.cuda.device(device_index):
-        error = ext.eigh_error() or ext.kernel_error()
-    return f"cuSOLVER's batched eigensolver is unavailable: {error}" if error else None
 
 
 def eigh(G):
     """Ascending eigenvalues [b, n] and eigenvectors [b, n, n] (columns) of symmetric G [b, n, n]
     (float64 or float32, on a CUDA device), like torch.linalg.eigh; items the solver did not
     converge on come back with NaN eigenvalues, which the Gram route treats as "redo by SVD"."""
-    ext = cuda.extension()[0]
+    ext = cuda_backend.extension()[0]
     b, n, _ = G.shape
     dtype = _DTYPES[G.dtype]
     vectors = G.contiguous().clone()                     # overwritten in place by the solver
@@ -57,10 +43,10 @@ def eigh(G):
 
 
 def truncated_svd(A, k):
-    """See kernels/torch/linalg.truncated_svd; A [b, m, n] on a CUDA device."""
-    return gram_route.truncated_svd(A, k, eigh=eigh)
+    """See gram64.truncated_svd; A [b, m, n] on a CUDA device."""
+    return gram64.truncated_svd(A, k, eigh=eigh)
 
 
 def polar(A):
-    """See kernels/torch/linalg.polar; A [b, m, n] on a CUDA device."""
-    return gram_route.polar(A, eigh=eigh)
+    """See gram64.polar; A [b, m, n] on a CUDA device."""
+    return gram64.polar(A, eigh=eigh)

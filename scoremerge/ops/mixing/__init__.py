@@ -1,9 +1,12 @@
-"""ops.mix: multi-expert weighted parameter mixing over a flat arena (the online-merging kernel)."""
+"""ops.mix: multi-expert weighted parameter mixing over a flat arena (the online-merging kernel).
+
+naive.py: the reference, one parameter at a time. batched.py: the torch backend. triton.py and
+cuda.py: one-pass kernels over a per-block table (plan.py) of contiguous group runs.
+"""
 import torch
 
-from ..backend import run
-from ..kernels import cuda as cuda_kernels
-from ..kernels.torch import mixing as torch_mixing
+from ...backend import lazy, run
+from . import batched, cuda
 
 MIX_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -45,15 +48,11 @@ def mix(experts, coeffs, bounds=None, *, out=None, backend="auto"):
             raise ValueError(f"out must be a contiguous [{N}] tensor on {experts.device}, got "
                              f"{tuple(out.shape)} on {out.device}")
     coeffs = coeffs.contiguous()
-    lacks = cuda_kernels.lacks(experts.dtype, coeffs.dtype, out.dtype)
-
-    def triton():
-        from ..kernels.triton import mix as triton_mix
-        return triton_mix.mix(experts, coeffs, bounds, out)
-
+    lacks = cuda.lacks(experts.dtype, coeffs.dtype, out.dtype)
     return run("mix", backend, experts.device,
-               {"cuda": lambda: cuda_kernels.mix(experts, coeffs, bounds, out), "triton": triton,
-                "torch": lambda: torch_mixing.mix(experts, coeffs, bounds, out)},
+               {"cuda": lambda: cuda.mix(experts, coeffs, bounds, out),
+                "triton": lambda: _triton().mix(experts, coeffs, bounds, out),
+                "torch": lambda: batched.mix(experts, coeffs, bounds, out)},
                unsupported={"cuda": lacks} if lacks else None)
 
 
@@ -76,3 +75,6 @@ def _check_bounds(bounds, N, G):
     if bounds[0] != 0 or bounds[-1] != N or any(a > b for a, b in zip(bounds, bounds[1:])):
         raise ValueError(f"bounds must rise from 0 to N = {N}, got {list(bounds)}")
     return bounds
+
+
+_triton = lazy("scoremerge.ops.mixing.triton")

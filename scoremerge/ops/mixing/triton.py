@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launch_guard
-from ..mix_plan import plan
+from ...backend.triton import launch_guard
+from .plan import plan
 
 BLOCK = 4096          # elements per program: 16 KB of fp32 per expert row, long coalesced runs
 

@@ -1,4 +1,4 @@
-"""Plain-torch reference for entropy-adaptive coefficients (ALGORITHMS.md, "Entropy-adaptive
+"""Plain-torch reference for entropy-adaptive coefficients (docs/algorithms.md, "Entropy-adaptive
 online merging", steps 1, 2 and 4), written one expert and one sample at a time."""
 import math
 

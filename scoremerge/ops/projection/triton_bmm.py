@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launch_guard
+from ...backend.triton import launch_guard
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""Backend choice (DESIGN.md): SCOREMERGE_BACKEND or backend= is auto | cuda | triton | torch.
+"""Backend choice (docs/architecture.md): SCOREMERGE_BACKEND or backend= is auto | cuda | triton | torch.
 
 `auto` takes the fastest backend that implements the op and can run on the device (Triton only
 on a GPU: its CPU interpreter is for tests), and falls back quietly. A backend named explicitly
@@ -12,16 +12,17 @@ A kernel can also fail only when it runs: Triton or NVRTC cannot compile it for 
 driver is older than the toolkit, a library is missing. Under auto (`run`), that hands the op over
 to the next backend for the rest of the process, with one warning; a named backend raises.
 """
+import functools
+import importlib
 import os
 import threading
 import warnings
 
 import torch
 
-from .errors import BackendUnavailableError, MergeInputError
-from .kernels import cuda as cuda_kernels
-from .kernels import cuda_linalg
-from .kernels import triton as triton_kernels
+from ..errors import BackendUnavailableError, MergeInputError
+from . import cuda as cuda_backend
+from . import triton as triton_backend
 
 BACKENDS = ("auto", "cuda", "triton", "torch")
 _PREFERENCE = ("cuda", "triton", "torch")
@@ -54,8 +55,8 @@ def unavailable_reason(name, device):
     if name == "torch":
         return None
     if name == "triton":
-        return triton_kernels.unavailable_reason(device)
-    return cuda_kernels.unavailable_reason(device)
+        return triton_backend.unavailable_reason(device)
+    return cuda_backend.unavailable_reason(device)
 
 
 def op_restriction(op, name, device):
@@ -63,8 +64,7 @@ def op_restriction(op, name, device):
     The CUDA SVD and polar factor need the built extension and cuSOLVER's batched eigensolver,
     where the CUDA mix also runs from CuPy."""
     if name == "cuda" and op in _LINALG_OPS and device.type == "cuda":
-        index = device.index if device.index is not None else _current_cuda_device()
-        return cuda_linalg.unavailable_reason(index)
+        return cuda_backend.eigensolver_unavailable(cuda_backend.device_index(device))
     return None
 
 
@@ -155,5 +155,8 @@ def _one_line(error):
     return f"{type(error).__name__}: {text[0][:200] if text else ''}"
 
 
-def _current_cuda_device():
-    return torch.cuda.current_device()
+def lazy(module):
+    """A call returning `module`, imported on the first call. The ops reach their Triton kernels
+    through it: importing triton defines the kernels, and TRITON_INTERPRET is read then, so the
+    kernel modules must not be imported with scoremerge."""
+    return functools.cache(lambda: importlib.import_module(module))

@@ -1,6 +1,6 @@
-"""Triton kernels and their launchers, one file per op. Importing this package does not import
-triton; the kernel modules do, on first use (so that TRITON_INTERPRET, read when a kernel is
-defined, can still be set by then)."""
+"""The Triton backend's availability and its launch lock. The kernels are ops/<op>/triton.py,
+which import triton; this module does not, and the ops import those modules on first use only
+(so that TRITON_INTERPRET, read when a kernel is defined, can still be set by then)."""
 import contextlib
 import importlib.util
 import os

@@ -1,99 +1,22 @@
-"""The CUDA backend: csrc/'s kernels through the extension scoremerge._C where setup.py built it
-(nvcc present at install), else compiled at first use from the same csrc/mix.cuh by CuPy's runtime
-compiler (NVRTC; one instantiation at a time, kept per process, and CuPy caches the binaries on
-disk). Neither is imported until a kernel or an availability answer is needed, so scoremerge
-imports on a machine without a GPU, nvcc or CuPy.
+"""The CUDA backend of ops.mix: csrc/mix.cuh's kernel through the extension scoremerge._C, or
+compiled at first use by CuPy's runtime compiler (NVRTC; one instantiation at a time, kept per
+process, and CuPy caches the binaries on disk); backend/cuda.py says which runs where.
 
 Both paths launch on torch's current stream: temporaries made here (fp32 coefficients, the block
 table) are then freed in stream order by torch's caching allocator, never under a running kernel.
 """
 import functools
-import importlib
-import re
-from pathlib import Path
 
 import torch
 
-from .mix_plan import plan
+from ...backend import cuda as cuda_backend
+from .plan import plan
 
-ABI_VERSION = 2                     # csrc/bindings.cu's ABI_VERSION: a stale _C is not used
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
                torch.float64: "float64"}
 _SIZES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 _CXX = {"float32": "float", "bfloat16": "scoremerge::bf16", "float16": "scoremerge::f16",
         "float64": "double"}
-_PACKAGE = Path(__file__).resolve().parents[1]
-# An installed wheel carries the headers in the package (setup.py's build_py); a source or
-# editable checkout has them at the repository root.
-SOURCE_DIRS = (_PACKAGE / "_csrc", _PACKAGE.parent / "csrc")
-
-
-@functools.cache
-def source(name="mix.cuh"):
-    """The text of a csrc/ header, from the package or the checkout."""
-    for folder in SOURCE_DIRS:
-        if (folder / name).is_file():
-            return (folder / name).read_text()
-    raise FileNotFoundError(f"{name} is in none of {[str(d) for d in SOURCE_DIRS]}")
-
-
-@functools.cache
-def header_constant(name):
-    """A `constexpr int NAME = value;` of mix.cuh: the CuPy path's block length and block size
-    come from the source it compiles, as the extension's come from the source it was built with."""
-    found = re.search(rf"constexpr int {name} = (\d+);", source())
-    if found is None:
-        raise ValueError(f"mix.cuh defines no constexpr int {name}")
-    return int(found.group(1))
-
-
-@functools.cache
-def extension():
-    """(scoremerge._C, None) when it was built and imports, else (None, why not)."""
-    try:
-        from .. import _C
-    except ModuleNotFoundError:
-        return None, ("the extension scoremerge._C was not built (setup.py builds it when nvcc "
-                      "is on PATH at install)")
-    except ImportError as e:
-        return None, f"the extension scoremerge._C does not import: {e}"
-    if _C.version() != ABI_VERSION:
-        return None, (f"the extension scoremerge._C is a stale build (ABI {_C.version()}, this "
-                      f"scoremerge expects {ABI_VERSION}): reinstall")
-    return _C, None
-
-
-@functools.cache
-def route(device_index):
-    """("extension" or "cupy", None) for the path that runs on cuda:device_index, else
-    (None, why neither can)."""
-    ext, why_not = extension()
-    if ext is not None:
-        with torch.cuda.device(device_index):
-            error = ext.kernel_error()
-        if not error:
-            return "extension", None
-        why_not = f"the extension scoremerge._C cannot run on cuda:{device_index} ({error})"
-    try:
-        importlib.import_module("cupy")
-    except ImportError as e:
-        return None, (f"{why_not}, and CuPy, which would compile the kernels at run time, does "
-                      f"not import ({e}; pip install cupy-cuda13x, or cupy-cuda12x)")
-    try:
-        source()
-    except FileNotFoundError as e:
-        return None, f"{why_not}, and CuPy has no kernel source to compile: {e}"
-    return "cupy", None
-
-
-def unavailable_reason(device):
-    """None when the CUDA kernels can run on `device`, else why not."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return f"CUDA kernels run on CUDA devices; got {device}"
-    if not torch.cuda.is_available():
-        return "torch sees no CUDA GPU"
-    return route(_index(device))[1]
 
 
 def lacks(experts_dtype, coeffs_dtype, out_dtype):
@@ -133,20 +56,20 @@ def instantiation(in_dtype, out_dtype, K, row_stride, experts, out):
 
 def mix(experts, coeffs, bounds, out, via=None):
     """See ops.mix; experts [K, N] with unit column stride, coeffs [G, K], out [N] contiguous.
-    via: "extension" or "cupy" forces a path (tests); None takes route()'s."""
+    via: "extension" or "cupy" forces a path (tests); None takes backend/cuda.py's route()."""
     K, N = experts.shape
-    index = _index(out.device)
-    via = via or route(index)[0]
+    index = cuda_backend.device_index(out.device)
+    via = via or cuda_backend.route(index)[0]
     if via == "extension":
-        ext, why_not = extension()
+        ext, why_not = cuda_backend.extension()
         if ext is None:
             raise RuntimeError(why_not)
         launch, block = ext.mix, ext.BLOCK_ELEMS
     elif via == "cupy":
         launch = functools.partial(_cupy_mix, device=index)
-        block = header_constant("MIX_BLOCK_ELEMS")
+        block = cuda_backend.header_constant("MIX_BLOCK_ELEMS")
     else:
-        raise RuntimeError(f"no CUDA path runs on {out.device}: {route(index)[1]}")
+        raise RuntimeError(f"no CUDA path runs on {out.device}: {cuda_backend.route(index)[1]}")
     block_group, block_start, block_end = plan(tuple(bounds), out.device, block)
     if len(block_group) == 0:
         return out
@@ -163,10 +86,6 @@ def mix(experts, coeffs, bounds, out, via=None):
     return out
 
 
-def _index(device):
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
 def _cupy_mix(in_dtype, out_dtype, experts, row_stride, K, N, coeffs, block_group, block_start,
               block_end, n_blocks, out, stream, *, device):
     """_C.mix's contract (minus the argument checks ops.mix has already made) through CuPy.
@@ -178,7 +97,7 @@ def _cupy_mix(in_dtype, out_dtype, experts, row_stride, K, N, coeffs, block_grou
     kernel = _cupy_kernel(kernel_name(in_dtype, out_dtype, *choice), device)
     pointers = [np.uint64(p) for p in (experts, coeffs, out, block_group, block_start, block_end)]
     with cupy.cuda.Device(device):
-        kernel((n_blocks,), (header_constant("MIX_THREADS"),),
+        kernel((n_blocks,), (cuda_backend.header_constant("MIX_THREADS"),),
                (*pointers, np.int32(K), np.int64(row_stride)),
                stream=cupy.cuda.ExternalStream(stream))
 
@@ -187,5 +106,6 @@ def _cupy_mix(in_dtype, out_dtype, experts, row_stride, K, N, coeffs, block_grou
 def _cupy_kernel(name, device):
     import cupy
     with cupy.cuda.Device(device):
-        module = cupy.RawModule(code=source(), options=("-std=c++17",), name_expressions=[name])
+        module = cupy.RawModule(code=cuda_backend.source(), options=("-std=c++17",),
+                                name_expressions=[name])
         return module.get_function(name)

@@ -2,8 +2,8 @@
 
 One kernel block (Triton program, CUDA thread block) per run of at most `block` elements of one
 group: blocks never straddle groups, so a block reads its group's coefficients once and no
-per-element group index exists anywhere. Imports torch only (kernels/cuda.py must import on a
-machine without triton)."""
+per-element group index exists anywhere. Imports torch only (cuda.py must import on a machine
+without triton)."""
 import functools
 
 import torch

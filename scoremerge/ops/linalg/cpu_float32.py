@@ -4,7 +4,7 @@ refined by float32 products and small float64 problems.
 Why: on a CPU the dense eigensolver is the wall. One thread, 768x768: float64 eigh 108 ms,
 float32 eigh 66 ms, float32 SVD 177 ms, a float32 768^3 product 5 ms (measured under a load of
 6 on 2 cores; under heavier load products slow down most, see bench/svd_cpu_vs_peers.py). The
-float64 Gram route (linalg.py) pays a float64 Gram product and eigh per matrix; this route pays
+float64 Gram route (gram64.py) pays a float64 Gram product and eigh per matrix; this route pays
 a float32 Gram product and eigh plus a few float32 products, and keeps float32 SVD's accuracy:
 
 - Truncated SVD: the float32 Gram matrix squares the condition number, so its eigenvectors carry
@@ -26,8 +26,8 @@ and moved the merged model's error from 0.2-0.5x to 0.3-0.5x of the reference's 
 """
 import torch
 
-from . import linalg as gram64
-from .cores import map_batch
+from ...parallel import map_batch
+from . import gram64
 
 # Which items the refinement takes, from kappa_k = s_1 / s_k and rho = s_{l+1}^2 / s_k^2 of the
 # float32 Gram eigenvalues (accurate enough to decide): kappa_k <= 8, or kappa_k <= 20 with
@@ -61,8 +61,8 @@ _MAX_SUBSPACE_SHARE = 0.7
 def applies(A):
     """Whether this route serves A: float32 on a CPU, with min(m, n) >= _MIN_SIZE. float64
     keeps the float64 Gram route (the tests' reference precision), and CUDA devices keep theirs
-    (linalg.py, with cuSOLVER's eigensolver on the cuda backend). linalg.truncated_svd and
-    linalg.polar, the torch backend's entry points, route here by it."""
+    (gram64.py, with cuSOLVER's eigensolver on the cuda backend). batched.py, the torch
+    backend's entry points, routes here by it."""
     return A.device.type == "cpu" and A.dtype == torch.float32 and min(A.shape[-2:]) >= _MIN_SIZE
 
 
@@ -146,13 +146,13 @@ def _polish(P, kappa):
 def truncated_svd(A, k):
     """Top-k singular triplets of float32 A [b, m, n] on a CPU: U [b, m, k], S [b, k],
     Vh [b, k, n], values descending, signs as the eigensolvers left them (like
-    linalg.truncated_svd, whose float64 Gram route takes the items this route declines)."""
+    gram64.truncated_svd, the float64 Gram route that takes the items this route declines)."""
     tall = A.shape[-2] >= A.shape[-1]
     X = A if tall else A.mT
     n = X.shape[-1]
     l = min(n, k + oversampling(k))
     if k < n and l > _MAX_SUBSPACE_SHARE * n:
-        return gram64.gram_truncated_svd(A, k)
+        return gram64.truncated_svd(A, k)
     if k < n:
         P, s, Q, ok = map_batch(lambda x: _refined_svd(x, k, l), X)
     else:
@@ -160,7 +160,7 @@ def truncated_svd(A, k):
     U, Vh = (P, Q.mT) if tall else (Q, P.mT)
     if not ok.all():
         redo = ~ok
-        U[redo], s[redo], Vh[redo] = gram64.gram_truncated_svd(A[redo], k)
+        U[redo], s[redo], Vh[redo] = gram64.truncated_svd(A[redo], k)
     return U, s, Vh
 
 
@@ -195,7 +195,7 @@ def _polar32(X):
 
 
 def polar_reference(X):
-    """The reference's polar factor (ref.linalg.polar): P Q from float32 SVD X = P S Q."""
+    """The reference's polar factor (naive.polar): P Q from float32 SVD X = P S Q."""
     P, _, Q = torch.linalg.svd(X, full_matrices=False)
     return P @ Q
 

@@ -14,14 +14,9 @@ dtype, so every item is at least as accurate as the plain-torch reference.
 """
 import torch
 
-from .cores import map_batch
+from ...parallel import map_batch
 
 _MAX_KAPPA = 1e4
-
-
-def _mixed():
-    from . import mixed                   # imported here: mixed.py falls back on this module
-    return mixed
 
 
 def _eigh_descending(G, eigh):
@@ -41,17 +36,10 @@ def _truncated_svd_gram(X, k, eigh):
 
 
 def truncated_svd(A, k, eigh=torch.linalg.eigh):
-    """Top-k singular triplets of A [b, m, n]: U [b, m, k], S [b, k], Vh [b, k, n] in A's dtype,
-    values descending, signs as the eigensolver left them. eigh: the batched symmetric
-    eigensolver (ascending values, vectors as columns), torch's by default. The torch backend's
-    entry point: float32 on a CPU with torch's eigensolver takes mixed.py's route (faster there)."""
-    if eigh is torch.linalg.eigh and _mixed().applies(A):
-        return _mixed().truncated_svd(A, k)
-    return gram_truncated_svd(A, k, eigh)
-
-
-def gram_truncated_svd(A, k, eigh=torch.linalg.eigh):
-    """truncated_svd by the float64 Gram route, whatever A's dtype and device."""
+    """Top-k singular triplets of A [b, m, n] by the float64 Gram route, whatever A's dtype and
+    device: U [b, m, k], S [b, k], Vh [b, k, n] in A's dtype, values descending, signs as the
+    eigensolver left them. eigh: the batched symmetric eigensolver (ascending values, vectors as
+    columns), torch's by default, cuSOLVER's on the cuda backend (cuda.py)."""
     tall = A.shape[-2] >= A.shape[-1]
     X = A if tall else A.mT
     P, s, Q, redo = map_batch(lambda x: _truncated_svd_gram(x, k, eigh), X.double())
@@ -71,15 +59,8 @@ def _polar_gram(X, eigh):
 
 
 def polar(A, eigh=torch.linalg.eigh):
-    """Orthogonal polar factor of A [b, m, n] in A's dtype (thin SVD A = P S Q -> P Q). The torch
-    backend's entry point, routed as truncated_svd."""
-    if eigh is torch.linalg.eigh and _mixed().applies(A):
-        return _mixed().polar(A)
-    return gram_polar(A, eigh)
-
-
-def gram_polar(A, eigh=torch.linalg.eigh):
-    """polar by the float64 Gram route, whatever A's dtype and device."""
+    """Orthogonal polar factor of A [b, m, n] (thin SVD A = P S Q -> P Q) by the float64 Gram
+    route, in A's dtype, whatever its device; eigh as truncated_svd's."""
     tall = A.shape[-2] >= A.shape[-1]
     X = A if tall else A.mT
     out, redo = map_batch(lambda x: _polar_gram(x, eigh), X.double())

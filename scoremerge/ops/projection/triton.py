@@ -1,17 +1,20 @@
-"""SCORE's projection into the shared basis with diagonal masking, for B keys of one shape.
+"""The Triton backend of ops.project_and_mask and ops.reconstruct, for B keys of one shape.
 
-Two launches of the batched GEMM (bmm.py) over all B*T task matrices, in the cheaper order; the
-second writes M [B*T, p, p] and, in its epilogue, each tile's off-diagonal sum and sum of squares.
+SCORE's projection into the shared basis with diagonal masking: two launches of the batched GEMM
+(triton_bmm.py) over all B*T task matrices, in the cheaper order; the second writes M [B*T, p, p] and, in its epilogue, each tile's off-diagonal sum and sum of squares.
 A small torch reduction turns those into a mean and threshold per task matrix (B*T pairs), and
 one mask-and-sum launch reads M once: per (key, output tile) it loops over the T tasks, masks and
 accumulates, and writes S [B, p, p].
+
+The reconstruction Ustar S Vstar: two launches, with base + alpha * (.) and the cast fused into
+the second one's store, so the [B, m, n] result is written once and nothing reads it back.
 """
 import torch
 import triton
 import triton.language as tl
 
-from . import launch_guard
-from .bmm import bmm, stats_slots
+from ...backend.triton import launch_guard
+from .triton_bmm import bmm, stats_slots
 
 VARIANT_CODES = {"full": 0, "diag": 1, "offdiag": 2, "untrimmed": 3}
 
@@ -100,3 +103,14 @@ def project_and_mask(tau, Ustar, Vstar, variant, trim_multiplier, trim_per_task,
             M, stats, S, T, p, M.stride(0), M.stride(1), M.stride(2),
             S.stride(0), S.stride(1), S.stride(2), VARIANT=VARIANT_CODES[variant], BLOCK=block)
     return S
+
+
+def reconstruct(Ustar, S, Vstar, base, alpha, out_dtype, precision="ieee"):
+    """[B, m, n]; the arguments as ops.reconstruct."""
+    B, m, _ = Ustar.shape
+    q, n = S.shape[2], Vstar.shape[2]
+    US = torch.empty(B, m, q, dtype=Ustar.dtype, device=Ustar.device)
+    bmm(Ustar, S, US, precision=precision)
+    out = torch.empty(B, m, n, dtype=out_dtype, device=Ustar.device)
+    bmm(US, Vstar, out, base=base, alpha=alpha, precision=precision)
+    return out

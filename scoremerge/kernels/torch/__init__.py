@@ -1,1 +1,0 @@
-"""The batched plain-torch backend: what `auto` runs on a CPU."""
