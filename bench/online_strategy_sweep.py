@@ -4,7 +4,7 @@ Prints, per configuration, the accuracy on every stream (mean over the seeds), i
 the uniform mean on the worst stream, and the mean over streams, and writes
 bench/results/online_strategy_sweep.json (every row, the chosen ones, the command, the machine).
 
-The rule that picks the defaults (choose()), aimed at issue 19's goal (at or above the uniform
+The rule that picks the defaults (choose()), aimed at the goal (at or above the uniform
 mean on every stream, above the logit ensemble over all): among the configurations above the
 logit ensemble on the tuning seeds, those whose worst-stream margin over the uniform mean is
 within half a point of the best margin (closer is noise: a stream of 449 digits carries about

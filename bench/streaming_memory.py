@@ -1,4 +1,4 @@
-"""Peak memory of a streaming merge (issue 8): three experts and a base of a synthetic model of
+"""Peak memory of a streaming merge: three experts and a base of a synthetic model of
 SIZE GB (fp32, 4096 x 4096 matrices in 512 MB shards), merged by `scoremerge merge` under
 /usr/bin/time -v; the peak resident set size against the size of one model, and the read rate.
 Writes bench/results/streaming_memory_<method>.json.

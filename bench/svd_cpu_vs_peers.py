@@ -43,7 +43,7 @@ from scoremerge import ref
 from scoremerge.ops.linalg import cpu_float32 as mixed
 
 from harness import RESULTS, cpu_model, environment, interleaved, machine_state
-from test_merge_cpu import task_vectors
+from workloads import task_vectors
 
 BLOCK = {"attn.qkv.weight": (2304, 768), "attn.qkv.bias": (2304,),
          "attn.proj.weight": (768, 768), "attn.proj.bias": (768,),

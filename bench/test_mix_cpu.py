@@ -1,5 +1,5 @@
 """ops.mix's torch path over a flat arena against per-parameter torch loops, on the CPU, same
-process, same inputs (issue 7): a ViT-B/16-shaped state dict (86M parameters), K = 5 experts, two
+process, same inputs: a ViT-B/16-shaped state dict (86M parameters), K = 5 experts, two
 groups (encoder, head), fp32.
 
     python -m pytest bench/test_mix_cpu.py -s
@@ -9,55 +9,7 @@ import torch
 from scoremerge import ops
 
 from harness import interleaved, record
-
-
-def vit_b16_shapes():
-    shapes = {"cls_token": (1, 1, 768), "pos_embed": (1, 197, 768),
-              "patch_embed.proj.weight": (768, 3, 16, 16), "patch_embed.proj.bias": (768,)}
-    for i in range(12):
-        p = f"blocks.{i}."
-        shapes |= {p + "norm1.weight": (768,), p + "norm1.bias": (768,),
-                   p + "attn.qkv.weight": (2304, 768), p + "attn.qkv.bias": (2304,),
-                   p + "attn.proj.weight": (768, 768), p + "attn.proj.bias": (768,),
-                   p + "norm2.weight": (768,), p + "norm2.bias": (768,),
-                   p + "mlp.fc1.weight": (3072, 768), p + "mlp.fc1.bias": (3072,),
-                   p + "mlp.fc2.weight": (768, 3072), p + "mlp.fc2.bias": (768,)}
-    return shapes | {"norm.weight": (768,), "norm.bias": (768,), "head.weight": (1000, 768),
-                     "head.bias": (1000,)}
-
-
-HEAD = ("head.weight", "head.bias")
-
-
-def vit_b16_arena(K, device="cpu", dtype=torch.float32):
-    """K random ViT-B/16-shaped experts packed as an arena [K, N], head last: (arena, bounds of
-    the two groups (encoder, head), the experts as per-parameter dicts in arena order)."""
-    shapes = vit_b16_shapes()
-    order = [k for k in shapes if k not in HEAD] + list(HEAD)
-    sizes = [torch.Size(shapes[k]).numel() for k in order]
-    arena = torch.randn(K, sum(sizes), device=device, dtype=dtype)
-    experts = [{k: piece.view(shapes[k]).clone() for k, piece in zip(order, row.split(sizes))}
-               for row in arena]
-    return arena, [0, sum(sizes) - sum(sizes[-len(HEAD):]), sum(sizes)], experts
-
-
-def per_parameter_loops(experts, weights):
-    """The two ways people mix state dicts key by key, given weights[group][k] as Python floats:
-    (the careful in-place loop, the one-liner sum, the in-place loop's output dicts)."""
-    K = len(experts)
-    merged = {k: torch.empty_like(v) for k, v in experts[0].items()}
-
-    def loop_in_place():
-        for k in merged:
-            c = weights[1 if k in HEAD else 0]
-            merged[k].copy_(experts[0][k]).mul_(c[0])
-            for i in range(1, K):
-                merged[k].add_(experts[i][k], alpha=c[i])
-
-    def loop_sum():
-        return {k: sum(weights[1 if k in HEAD else 0][i] * experts[i][k] for i in range(K))
-                for k in merged}
-    return loop_in_place, loop_sum, merged
+from workloads import per_parameter_loops, vit_b16_arena
 
 
 def test_arena_mix_against_per_parameter_loops():

@@ -1,5 +1,5 @@
 """ops.mix on a GPU: the CUDA kernel, the Triton kernel and the torch backend over one flat arena,
-same process, same inputs (issue 7); then the arena against per-parameter torch loops over a
+same process, same inputs; then the arena against per-parameter torch loops over a
 ViT-B/16-shaped state dict with K = 5. Skipped without CUDA.
 
     python -m pytest bench/test_mix_gpu.py -s
@@ -12,7 +12,7 @@ Cases needing more than ~100 GB (or 85% of the device) are skipped. Two figures 
 ops.mix called eagerly, back to back (at N = 10M a call lasts tens of microseconds, so its
 host-side checks and dispatch can show), and the same calls replayed from a CUDA graph (the
 kernel's own rate, what a captured online-merging step sees).
-Goal on an H200 (issue 7): the CUDA kernel at >= 90% of the copy bandwidth for N from 10M to 1B.
+Goal on an H200: the CUDA kernel at >= 90% of the copy bandwidth for N from 10M to 1B.
 
 Selection (bench/gpu_run.sh cuts the run to its time box; the measurements are unchanged):
 SCOREMERGE_BENCH_MIX_N=10000000,1000000000 and SCOREMERGE_BENCH_MIX_K=4,16 (default: every N
@@ -29,7 +29,7 @@ from scoremerge import backend, ops
 from scoremerge.backend import cuda as cuda_backend
 
 from harness import ceilings, interleaved, record
-from test_mix_cpu import per_parameter_loops, vit_b16_arena
+from workloads import per_parameter_loops, vit_b16_arena
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

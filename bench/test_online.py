@@ -1,5 +1,5 @@
-"""OnlineMerger per batch: where the time goes, and what the adaptation costs (issue 7), then
-what each strategy costs per batch (issue 19).
+"""OnlineMerger per batch: where the time goes, and what the adaptation costs, then
+what each strategy costs per batch.
 
 For each model: the K expert passes (K functional passes, and one vmap pass), the merged model's
 forward, and the adaptation itself -- entropies and coefficients (ops.entropy_weights) plus the

@@ -1,5 +1,5 @@
 """Triton projection+mask and reconstruction against the plain-torch sequence on a GPU, same
-process, same inputs (issue 5). Skipped without CUDA.
+process, same inputs. Skipped without CUDA.
 
     python -m pytest bench/test_projection_gpu.py -s
 

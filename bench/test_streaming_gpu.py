@@ -1,4 +1,4 @@
-"""The streaming merge on a GPU (issue 8): a 7B-shaped SCORE merge with T = 4 experts from local
+"""The streaming merge on a GPU: a 7B-shaped SCORE merge with T = 4 experts from local
 disk, against the time to read its inputs, same process. Skipped without CUDA.
 
 The model: LAYERS decoder layers of a 7B (q, k, v, o 4096 x 4096; gate, up 11008 x 4096; down

@@ -1,4 +1,4 @@
-"""Batched truncated SVD and polar factor on a GPU (issue 6): ops.truncated_svd / ops.polar with
+"""Batched truncated SVD and polar factor on a GPU: ops.truncated_svd / ops.polar with
 backend="cuda" against the alternatives, same process, same inputs; then end-to-end SCORE merges.
 Skipped without CUDA.
 
@@ -45,7 +45,7 @@ End to end, SCORE (variant full):
   T = 4: one layer timed and the time EXTRAPOLATED to 32 layers; the per-key reference for 32
   layers is an ESTIMATE (not run) from the torch.linalg.svd times measured on the LLM shapes
   (a wide 4096x11008 SVD counted as its transpose's).
-Goals on an H200 (issue 6): truncated SVD and polar >= 10x torch.linalg.svd on the ViT-B batches;
+Goals on an H200: truncated SVD and polar >= 10x torch.linalg.svd on the ViT-B batches;
 the ViT-B SCORE merge >= 30x the per-key reference; the 7B SCORE merge in minutes.
 
 The file keeps to BUDGET_S seconds (SCOREMERGE_BENCH_BUDGET_S, default 285; bench/gpu_run.sh sets
@@ -64,7 +64,7 @@ import scoremerge
 from scoremerge import BackendUnavailableError, ops, ref
 
 from harness import best_time, ceilings, interleaved, record, sync
-from test_merge_cpu import VIT_B_BLOCK
+from workloads import VIT_B_BLOCK
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -493,7 +493,7 @@ def test_score_merge_vit_b16(env):
         row[f"err_{name}"] = max(e.values())
     row["err_keys"] = "block 0 against float64 (CPU)"
     ROWS.append(row)
-    for key in block0:                                   # issue 6's bound, per key
+    for key in block0:                                   # the goal's bound, per key
         assert errs["auto"][key] <= max(2 * errs["reference"][key], 1e-3), key
 
 

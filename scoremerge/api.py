@@ -7,10 +7,10 @@ from tqdm.auto import tqdm
 from . import ref
 from .backend import requested
 from .errors import MergeInputError, shown
-from .parallel import parallel_map
 from .methods import all_methods, get
 from .methods.entrywise import merge_key, plus
-from .methods.routing import excluded, routes_to_matrix, shape_groups
+from .methods.routing import excluded, shape_groups
+from .parallel import parallel_map
 from .validate import (all_finite, check_device, check_models, exclude_patterns, finite_number,
                        overflow_error)
 
@@ -255,65 +255,80 @@ def compute_dtype(dtype, wide):
 
 
 def _merge(tvs, spec, opts, exclude, backend, device, dtype, progress, weights=None):
-    """Merge validated task vectors: matrix groups batched by shape, the rest per the method;
-    the weights as merge_task_vectors defines them."""
-    cdtype = compute_dtype(dtype, any(x.dtype == torch.float64 for tv in tvs for x in tv.values()))
-    first = tvs[0]
-    home = next(iter(first.values())).device if first else torch.device("cpu")
-    device = check_device(device) if device is not None else home
-    keys = list(first)
-
-    def stacked(key, scaled=True):
-        x = torch.stack([tv[key].to(device=device, dtype=cdtype) for tv in tvs])
-        return x * _weight_tensor(weights, x).reshape(-1, *([1] * (x.ndim - 1))) \
-            if scaled and weights is not None else x
-
-    def store(key, value):
-        out[key] = value.to(device=home, dtype=first[key].dtype)
-
+    """Merge validated task vectors: matrix groups batched by shape, the rest per the method,
+    and every key the method leaves by the mean path; the weights as merge_task_vectors
+    defines them."""
+    stack = _Stack(tvs, weights, device, dtype)
     if backend == "reference":
-        merged = ref.merge_task_vectors([{k: tv[k].to(device, cdtype) for k in keys} for tv in tvs],
-                                        spec.name, exclude=exclude, weights=weights, **opts)
-        out = {}
-        for key in keys:
-            store(key, merged[key])
-        return out
-    backend = requested(backend)
-    out = {}
-    bar = tqdm(total=len(keys), desc=f"merge ({spec.name})", unit="key", disable=not progress)
-    T = len(tvs)
-    if spec.kind == "matrix":
-        shapes = {k: tuple(first[k].shape) for k in keys}
-        groups = shape_groups(shapes, T, exclude, cdtype.itemsize,
-                              min_chunks=torch.get_num_threads() if device.type == "cpu" else 1,
-                              method=spec.name)
-
-        def merge_group(group):
-            merged = spec.fn(torch.stack([stacked(k) for k in group]), backend=backend, **opts)
-            for key, value in zip(group, merged):
-                store(key, value)
-            bar.update(len(group))
-
-        if device.type == "cpu":
-            parallel_map(merge_group, groups)
-        else:
-            for group in groups:
-                merge_group(group)
-        rest = [k for k in keys if not routes_to_matrix(shapes[k], k, T, exclude, spec.name)]
-        for key in rest:
-            store(key, stacked(key).mean(dim=0))
+        merged = ref.merge_task_vectors(
+            [{k: tv[k].to(stack.device, stack.dtype) for k in stack.keys} for tv in tvs],
+            spec.name, exclude=exclude, weights=weights, **opts)
+        for key in stack.keys:
+            stack.store(key, merged[key])
+        return stack.result()
+    bar = tqdm(total=len(stack.keys), desc=f"merge ({spec.name})", unit="key",
+               disable=not progress)
+    by_kind = _merge_matrix_keys if spec.kind == "matrix" else _merge_elementwise_keys
+    by_kind(stack, spec, opts, exclude, requested(backend), bar)
+    for key in stack.keys:
+        if key not in stack.out:
+            stack.store(key, stack.stacked(key).mean(dim=0))
             bar.update(1)
-    else:
-        chosen = [k for k in keys if not excluded(k, exclude)]
-        given = {"weights": torch.tensor(weights, dtype=cdtype, device=device)} \
-            if spec.weighted and weights is not None else {}
-        for key, value in spec.fn({k: stacked(k, scaled=not given) for k in chosen},
-                                  **opts, **given).items():
-            store(key, value)
-        bar.update(len(chosen))
-        for key in keys:
-            if key not in out:
-                store(key, stacked(key).mean(dim=0))
-                bar.update(1)
     bar.close()
-    return {key: out[key] for key in keys}
+    return stack.result()
+
+
+class _Stack:
+    """One merge's validated task vectors, stacked key by key on the compute device in the
+    compute dtype (scaled by the weights, unless the method takes them itself), and the merged
+    keys, stored back in each key's dtype on the inputs' device."""
+
+    def __init__(self, tvs, weights, device, dtype):
+        self.tvs, self.weights, self.keys, self.out = tvs, weights, list(tvs[0]), {}
+        self.home = next(iter(tvs[0].values())).device if tvs[0] else torch.device("cpu")
+        self.device = check_device(device) if device is not None else self.home
+        self.dtype = compute_dtype(dtype, any(x.dtype == torch.float64
+                                              for tv in tvs for x in tv.values()))
+
+    def stacked(self, key, scaled=True):
+        x = torch.stack([tv[key].to(device=self.device, dtype=self.dtype) for tv in self.tvs])
+        if scaled and self.weights is not None:
+            x = x * _weight_tensor(self.weights, x).reshape(-1, *([1] * (x.ndim - 1)))
+        return x
+
+    def store(self, key, value):
+        self.out[key] = value.to(device=self.home, dtype=self.tvs[0][key].dtype)
+
+    def result(self):
+        return {key: self.out[key] for key in self.keys}
+
+
+def _merge_matrix_keys(stack, spec, opts, exclude, backend, bar):
+    """The matrix-path keys, in same-shape groups, one group per CPU thread on a CPU."""
+    shapes = {k: tuple(stack.tvs[0][k].shape) for k in stack.keys}
+    on_cpu = stack.device.type == "cpu"
+    groups = shape_groups(shapes, len(stack.tvs), exclude, stack.dtype.itemsize,
+                          min_chunks=torch.get_num_threads() if on_cpu else 1, method=spec.name)
+
+    def merge_group(group):
+        merged = spec.fn(torch.stack([stack.stacked(k) for k in group]), backend=backend, **opts)
+        for key, value in zip(group, merged):
+            stack.store(key, value)
+        bar.update(len(group))
+
+    if on_cpu:
+        parallel_map(merge_group, groups)
+    else:
+        for group in groups:
+            merge_group(group)
+
+
+def _merge_elementwise_keys(stack, spec, opts, exclude, backend, bar):
+    """Every key not excluded, by the method's one rule over all of them at once."""
+    chosen = [k for k in stack.keys if not excluded(k, exclude)]
+    given = {"weights": torch.tensor(stack.weights, dtype=stack.dtype, device=stack.device)} \
+        if spec.weighted and stack.weights is not None else {}
+    merged = spec.fn({k: stack.stacked(k, scaled=not given) for k in chosen}, **opts, **given)
+    for key, value in merged.items():
+        stack.store(key, value)
+    bar.update(len(chosen))

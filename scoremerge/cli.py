@@ -5,26 +5,18 @@ failure of scoremerge itself (with where to report it; SCOREMERGE_DEBUG=1 shows 
 130 / 143 on SIGINT / SIGTERM (a streaming merge keeps its completed shards for --resume).
 """
 import argparse
-import json
 import os
 import shlex
 import signal
 import sys
 import threading
-import time
 import traceback
 from pathlib import Path
 
-from . import api
+from . import api, folders
 from .backend import BACKENDS
 from .config import CLI_UNSET, merge_settings_from
 from .errors import BackendUnavailableError, MergeInputError, shown, shown_path
-from .io.access import check_output, output_lock, side_files
-from .io.checkpoint import WEIGHT_FILES, Checkpoint
-from .io.write import check_writable, write_folder
-from .lora.files import experts_are_adapters
-from .streaming import merge_checkpoints, streaming_refusal
-from .validate import check_models, exclude_patterns
 
 MAX_MESSAGE = 2000          # characters of one error line
 
@@ -87,7 +79,25 @@ def _on_sigterm_raise():
 def _parser():
     parser = argparse.ArgumentParser(prog="scoremerge", description="Merge fine-tuned models.")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    _add_merge(sub)
+    sub.add_parser("methods", help="list merge methods with their options").set_defaults(
+        run=_methods)
+    _add_demo(sub)
+    ex = sub.add_parser("example", help="write small checkpoints, merge them with every method")
+    ex.add_argument("--out", default="runs/example", help="folder for checkpoints and merges")
+    ex.add_argument("--seed", default=0, type=int)
+    ex.set_defaults(run=_example)
+    mk = sub.add_parser("mergekit", add_help=False,
+                        help="run mergekit-yaml CONFIG OUT [flags] with scoremerge's methods "
+                             "(score, tsv, iso_c, iso_cts, magmax) registered in mergekit")
+    mk.add_argument("mergekit_args", nargs=argparse.REMAINDER)   # main() passes them on as given
 
+    from .doctor import add_parser as add_doctor_parser    # its run returns doctor's 0 or 1
+    add_doctor_parser(sub)
+    return parser
+
+
+def _add_merge(sub):
     m = sub.add_parser("merge", help="merge experts fine-tuned from one base model")
     m.add_argument("--config", metavar="FILE",
                    help="YAML or JSON file of these settings (flags given here override it)")
@@ -136,9 +146,8 @@ def _parser():
                         "truncation error is reported)")
     m.set_defaults(run=_merge, **CLI_UNSET)      # untyped flags stay None: a --config shows through
 
-    ls = sub.add_parser("methods", help="list merge methods with their options")
-    ls.set_defaults(run=_methods)
 
+def _add_demo(sub):
     d = sub.add_parser("demo", help="the embedded benchmark: leave-one-rotation-out merging of "
                        "digit experts with every method (trains on first use, cached)")
     d.add_argument("--out", default="runs/demo", help="folder for results.json, accuracy.png and online.png")
@@ -158,151 +167,14 @@ def _parser():
     d.add_argument("--retrain", action="store_true", help="train again and replace the cached models")
     d.set_defaults(run=_demo)
 
-    ex = sub.add_parser("example", help="write small checkpoints, merge them with every method")
-    ex.add_argument("--out", default="runs/example", help="folder for checkpoints and merges")
-    ex.add_argument("--seed", default=0, type=int)
-    ex.set_defaults(run=_example)
-
-    mk = sub.add_parser("mergekit", add_help=False,
-                        help="run mergekit-yaml CONFIG OUT [flags] with scoremerge's methods "
-                             "(score, tsv, iso_c, iso_cts, magmax) registered in mergekit")
-    mk.add_argument("mergekit_args", nargs=argparse.REMAINDER)   # main() passes them on as given
-
-    from .doctor import add_parser as add_doctor_parser    # its run returns doctor's 0 or 1
-    add_doctor_parser(sub)
-    return parser
-
 
 def _merge(args):
     settings = merge_settings_from(args)
     for note in settings.notes:
         print(f"scoremerge: mergekit config: {note}", file=sys.stderr)
-    if experts_are_adapters(settings.experts):
-        return _merge_adapters(settings)
-    if settings.out_adapter is not None or settings.adapter_rank is not None:
-        flag = "--out-adapter" if settings.out_adapter is not None else "--adapter-rank"
-        raise MergeInputError(f"{flag} needs LoRA adapters as --experts (folders with "
-                              "adapter_config.json); these experts are full models")
-    why_not = streaming_refusal(settings)
-    if why_not is None:
-        args.resumable = True          # an interruption from here on keeps completed shards
-        return _merge_streaming(settings)
-    if settings.stream or settings.resume or settings.max_gpu_memory is not None \
-            or settings.max_memory is not None:
-        flag = "--stream" if settings.stream else "--resume" if settings.resume \
-            else "--max-gpu-memory" if settings.max_gpu_memory is not None else "--max-memory"
-        raise MergeInputError(f"{flag} needs the streaming merge, which cannot run: {why_not}")
-    return _merge_in_memory(settings)
-
-
-def _merge_streaming(args):
-    start = time.perf_counter()
-    copied = _side_files(args.base)
-    stats = merge_checkpoints(
-        args.base, args.experts, args.out, args.method, weights=args.weights, alpha=args.alpha,
-        exclude=args.exclude,
-        backend=args.backend, device=args.device, dtype=args.dtype,
-        max_gpu_memory=args.max_gpu_memory, max_memory=args.max_memory,
-        max_shard_size=args.max_shard_size,
-        overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress,
-        metadata={"backend": args.backend, **_schema(args)}, side_files=copied,
-        allow_nonfinite=args.allow_nonfinite, **args.option)
-    seconds = time.perf_counter() - start
-    rank = f" (rank {stats['rank']} of {stats['ranks']})" if stats["ranks"] > 1 else ""
-    print(f"merged {len(args.experts)} experts with {args.method}{rank} in {seconds:.2f} s, "
-          f"streaming: {stats['bytes_read'] / 1e9:.2f} GB read (read {stats['read_s']:.1f} s, compute "
-          f"{stats['compute_s']:.1f} s, write {stats['write_s']:.1f} s; "
-          f"{stats['shards_skipped']} shard(s) reused) -> {args.out}")
+    args.resumable = folders.streams(settings)     # an interruption then keeps completed shards
+    print(folders.merge_folders(settings))
     return 0
-
-
-def _merge_in_memory(args):
-    """Inputs opened and checked first; the output checked against them and locked before
-    anything is read whole; the result written under the same lock."""
-    paths = [args.base, *args.experts]
-    names = [f"{'base' if i == 0 else 'expert'} {p}" for i, p in enumerate(paths)]
-    copied = _side_files(args.base)
-    checkpoints = [Checkpoint(p) for p in paths]
-    try:
-        check_output(args.out, [*paths, *(f for c in checkpoints for f in c.files),
-                                *(real for _, real in copied)])
-        with output_lock(args.out):
-            check_writable(args.out, args.overwrite)
-            models = []
-            for checkpoint in checkpoints:
-                models.append(checkpoint.load())
-                checkpoint.check_unchanged()
-                checkpoint.close()
-            spec, opts = api.checked_method(args.method, args.option, len(args.experts))
-            weights = api.checked_weights(args.weights, len(args.experts), spec, opts)
-            check_models(models, names, values=not spec.entrywise)
-            start = time.perf_counter()
-            merged = api.merge_checked(
-                models[0], models[1:], spec, opts, weights=weights, alpha=args.alpha,
-                exclude=exclude_patterns(args.exclude), backend=args.backend, device=args.device,
-                dtype=args.dtype, progress=not args.no_progress,
-                allow_nonfinite=args.allow_nonfinite, names=names)
-            seconds = time.perf_counter() - start
-            metadata = {"method": args.method, "options": json.dumps(args.option, sort_keys=True),
-                        **({} if weights is None else {"weights": json.dumps(weights)}),
-                        "alpha": args.alpha, "exclude": json.dumps(list(args.exclude)),
-                        "base": args.base, "experts": json.dumps(list(args.experts)),
-                        "backend": args.backend, **_schema(args)}
-            write_folder(merged, args.out, metadata=metadata, max_shard_size=args.max_shard_size,
-                         overwrite=args.overwrite, extra_files=copied)
-    finally:
-        for checkpoint in checkpoints:
-            checkpoint.close()
-    print(f"merged {len(args.experts)} experts with {args.method} in {seconds:.2f} s -> "
-          f"{args.out}")
-    return 0
-
-
-# Flags of the full-model merges that a LoRA merge (in memory, on the CPU) has no use for.
-_NOT_FOR_ADAPTERS = {"stream": "--stream", "resume": "--resume",
-                     "max_gpu_memory": "--max-gpu-memory", "max_memory": "--max-memory",
-                     "allow_nonfinite": "--allow-nonfinite", "weights": "per-expert weights"}
-
-
-def _merge_adapters(args):
-    """LoRA experts: merged in factored form (scoremerge.lora) into a full model or an adapter."""
-    from .lora import merge_adapter_checkpoints
-    given = [flag for name, flag in _NOT_FOR_ADAPTERS.items() if getattr(args, name)]
-    if given:
-        raise MergeInputError(f"{given[0]} is not supported when the experts are LoRA adapters "
-                              "(their merge runs in memory, factored)")
-    if args.device not in (None, "cpu"):
-        raise MergeInputError(f"--device {shown(args.device)}: LoRA adapters are merged on the "
-                              "CPU (every decomposition is of a rank-sized matrix)")
-    if args.adapter_rank is not None and args.out_adapter is None:
-        raise MergeInputError("--adapter-rank truncates a merged adapter: it needs --out-adapter")
-    output = "adapter" if args.out_adapter is not None else "full"
-    out = args.out_adapter if output == "adapter" else args.out
-    stats = merge_adapter_checkpoints(
-        args.base, args.experts, out, args.method, alpha=args.alpha, output=output,
-        rank=args.adapter_rank, exclude=exclude_patterns(args.exclude), dtype=args.dtype,
-        backend=args.backend, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-        metadata={"backend": args.backend}, **args.option)
-    what = "model" if output == "full" else f"adapter of rank <= {stats['rank']}"
-    truncated = f", largest truncation error {stats['max_error']:.3g}" \
-        if args.adapter_rank is not None else ""
-    print(f"merged {len(args.experts)} LoRA experts with {args.method} ({stats['keys']} modules, "
-          f"factored) in {stats['seconds']:.2f} s{truncated} -> {what} {out}")
-    return 0
-
-
-def _schema(settings):
-    """Metadata saying the settings came from a mergekit config (so with its conventions)."""
-    return {"config_schema": settings.schema} if settings.schema != "scoremerge" else {}
-
-
-def _side_files(base):
-    """The base folder's configs and tokenizers to copy; each one refused by io.access is named
-    on stderr, so a missing tokenizer in the output is never a surprise."""
-    files, skipped = side_files(base, WEIGHT_FILES)
-    for why in skipped.values():
-        print(f"scoremerge: not copied: {why}", file=sys.stderr)
-    return files
 
 
 def _methods(args):

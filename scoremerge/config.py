@@ -31,6 +31,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from .api import COMPUTE_DTYPES
 from .backend import BACKENDS
@@ -88,10 +89,12 @@ class MergeSettings:
     notes: tuple = ()               # what reading a mergekit config chose, for the user
 
 
-def load_merge_config(path):
-    """MergeSettings from a .yaml/.yml or .json file alone; raise MergeInputError naming the
+def merge_settings(config_path=None, **values):
+    """MergeSettings from `values` (the flags' names: base=, experts=[...], method=, out=,
+    option=["k=v"], ...) and the .yaml/.yml or .json file config_path, the values winning;
+    validated as the command line's are. A bad file or value raises MergeInputError naming the
     file, the field (`experts[2].weight`) and what is wrong."""
-    return _validate(_read(path), {}, path)
+    return merge_settings_from(SimpleNamespace(**values), config_path)
 
 
 def merge_settings_from(args, config_path=None):

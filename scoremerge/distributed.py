@@ -20,6 +20,12 @@ class World:
         self.size = self.dist.get_world_size() if self.dist else 1
         self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
 
+    def own_device(self, device):
+        """`device` for this rank: with several ranks, a bare "cuda" means one GPU per rank."""
+        if self.size > 1 and device.type == "cuda" and device.index is None:
+            return torch.device("cuda", self.local_rank)
+        return device
+
     def barrier(self):
         if self.dist is not None:
             self.dist.barrier()

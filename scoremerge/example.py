@@ -1,19 +1,18 @@
 """`scoremerge example`: small synthetic checkpoints merged with every method, end to end
-through files and the CLI's merge path (a smoke test of the checkpoint path; the main job is
-`scoremerge demo`).
+through files and `scoremerge merge`'s path (folders.merge_folders; a smoke test of the
+checkpoint path; the main job is `scoremerge demo`).
 
 The experts share a base; each adds a low-rank update of its own plus a shared one and noise,
 so the merge methods disagree in ways the table shows: how well the merged task vector keeps
 each expert's own update (cosine with it) and its size relative to one expert's.
 """
-import contextlib
-import io
 import time
 
 import torch
 
 from . import api
-from .cli import main as cli_main
+from .config import merge_settings
+from .folders import merge_folders
 from .io import load_state_dict, save_state_dict
 
 SHAPES = {"block.attn.qkv.weight": (96, 32), "block.attn.qkv.bias": (96,),
@@ -52,13 +51,10 @@ def run_example(out, seed):
     for method in api.methods():
         target = out / "merged" / method
         start = time.perf_counter()
-        with contextlib.redirect_stdout(io.StringIO()):
-            code = cli_main(["merge", "--base", str(paths[0]), "--experts", *map(str, paths[1:]),
-                             "--method", method, "--out", str(target), "--overwrite",
-                             "--no-progress"])
+        merge_folders(merge_settings(base=str(paths[0]), experts=list(map(str, paths[1:])),
+                                     method=method, out=str(target), overwrite=True,
+                                     no_progress=True))
         seconds = time.perf_counter() - start
-        if code != 0:
-            return code
         merged = load_state_dict(target)
         tau = _flat({k: merged[k] - base[k] for k in base})
         cosines = [torch.nn.functional.cosine_similarity(tau, _flat(t), dim=0).item() for t in taus]

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from scoremerge import cli, config
-from scoremerge.config import CLI_UNSET, FILE_KEYS, MergeSettings, load_merge_config, \
+from scoremerge.config import CLI_UNSET, FILE_KEYS, MergeSettings, merge_settings, \
     merge_settings_from
 from scoremerge.errors import MergeInputError
 from scoremerge.methods import get
@@ -58,7 +58,7 @@ def _cli(argv):
 
 
 def test_full_yaml_file_round_trip(tmp_path):
-    s = load_merge_config(_write(tmp_path, FULL))
+    s = merge_settings(_write(tmp_path, FULL))
     assert s == MergeSettings(
         base=str(tmp_path / "models/base"), experts=(str(tmp_path / "models/a"), "/abs/b"),
         out=str(tmp_path / "merged"), weights=None, method="score", alpha=0.5,
@@ -71,11 +71,11 @@ def test_full_yaml_file_round_trip(tmp_path):
 def test_json_file_equals_yaml(tmp_path):
     import yaml
     as_json = _write(tmp_path, json.dumps(yaml.safe_load(FULL)), "cfg.json")
-    assert load_merge_config(as_json) == load_merge_config(_write(tmp_path, FULL))
+    assert merge_settings(as_json) == merge_settings(_write(tmp_path, FULL))
 
 
 def test_minimal_file_takes_the_cli_defaults(tmp_path):
-    s = load_merge_config(_write(tmp_path, "base: b\nexperts: [e]\nout: o\n", "cfg.yml"))
+    s = merge_settings(_write(tmp_path, "base: b\nexperts: [e]\nout: o\n", "cfg.yml"))
     assert (s.method, s.alpha, s.exclude, s.backend, s.max_shard_size, s.dtype) == \
         ("score", 1.0, (), "auto", "5GB", None)
     assert s.option == get("score").defaults
@@ -86,7 +86,7 @@ def test_relative_paths_resolve_against_the_file_folder(tmp_path, monkeypatch):
     _write(tmp_path / "configs", "base: ../models/base\nexperts: [a, ~/b, /abs/c]\nout: out\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", "/home/u")
-    s = load_merge_config("configs/cfg.yaml")
+    s = merge_settings("configs/cfg.yaml")
     assert s.base == "configs/../models/base"
     assert s.experts == ("configs/a", "/home/u/b", "/abs/c")
     assert s.out == "configs/out"
@@ -142,7 +142,7 @@ def test_bad_field_names_file_field_and_problem(tmp_path, override, match):
     valid[override.split(":")[0]] = override
     cfg = _write(tmp_path, "".join(valid.values()))
     with pytest.raises(MergeInputError, match=match) as error:
-        load_merge_config(cfg)
+        merge_settings(cfg)
     assert str(error.value).startswith(f"{cfg}: ")
 
 
@@ -153,7 +153,7 @@ def test_missing_required_key(tmp_path, missing):
     cfg = _write(tmp_path, "".join(keys.values()))
     with pytest.raises(MergeInputError, match=rf"{cfg}: missing required key '{missing}' "
                                               rf"\(or give --{missing}\)"):
-        load_merge_config(cfg)
+        merge_settings(cfg)
 
 
 @pytest.mark.parametrize("name, text, match", [
@@ -168,21 +168,21 @@ def test_missing_required_key(tmp_path, missing):
 ])
 def test_unreadable_file(tmp_path, name, text, match):
     with pytest.raises(MergeInputError, match=match):
-        load_merge_config(_write(tmp_path, text, name))
+        merge_settings(_write(tmp_path, text, name))
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(MergeInputError, match=r"nope\.yaml: cannot read the config file"):
-        load_merge_config(tmp_path / "nope.yaml")
+        merge_settings(tmp_path / "nope.yaml")
 
 
 def test_weights_from_the_experts_a_list_or_the_command_line(tmp_path):
     cfg = _write(tmp_path, "base: b\nexperts: [{path: a, weight: 0.3}, {path: c, weight: 1}]\n"
                            "out: o\n")
-    assert load_merge_config(cfg).weights == (0.3, 1.0)
+    assert merge_settings(cfg).weights == (0.3, 1.0)
     cfg = _write(tmp_path, "base: b\nexperts: [a, c]\nweights: [2, -1]\nmethod: ties\n"
                            "options: {density: [0.5, 0.25]}\nout: o\n")
-    s = load_merge_config(cfg)
+    s = merge_settings(cfg)
     assert s.weights == (2.0, -1.0) and s.option["density"] == (0.5, 0.25)
     assert _cli(["--config", str(cfg), "--weights", "1", "3"]).weights == (1.0, 3.0)
     with pytest.raises(MergeInputError, match=r"density.*2 values, one per expert; got 3"):

@@ -103,8 +103,8 @@ def test_a_tiny_memory_budget_splits_keys_and_changes_nothing(checkpoints, tmp_p
     from scoremerge import streaming
     base, experts = checkpoints
     planned = []
-    real_plan = streaming._plan_batches
-    monkeypatch.setattr(streaming, "_plan_batches",
+    real_plan = streaming.plan_batches
+    monkeypatch.setattr(streaming, "plan_batches",
                         lambda *a, **k: planned.extend(real_plan(*a, **k)) or planned)
     merge_checkpoints(base, experts, tmp_path / "out", method, max_memory="4KB",
                       max_shard_size="10KB", progress=False, **options)

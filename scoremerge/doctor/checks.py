@@ -71,16 +71,19 @@ def availability(device):
 
 def run_checks(device, on_result=None):
     """Every op on every backend available for it on device, at each dtype its case takes."""
-    results = []
-    for op, case in CASES.items():
-        for name in IMPLEMENTED[op]:
-            if why_not(op, name, device) is not None:
-                continue
-            for dtype in case.dtypes:
-                results.append(check(case, name, dtype, device))
-                if on_result:
-                    on_result(results[-1])
-    return results
+    return _reported((check(case, name, dtype, device)
+                      for op, case in CASES.items() for name in IMPLEMENTED[op]
+                      if why_not(op, name, device) is None for dtype in case.dtypes), on_result)
+
+
+def _reported(results, on_result):
+    """The results of a generator as a list, each passed to on_result as soon as it exists."""
+    done = []
+    for result in results:
+        done.append(result)
+        if on_result:
+            on_result(result)
+    return done
 
 
 def check(case, backend, dtype, device):
@@ -223,14 +226,9 @@ def run_merge_checks(device, on_result=None):
     reference in float64 on the same task vectors; the error is over the whole merged model."""
     tvs = merge_task_vectors_for_check()
     wide = [{k: v.double() for k, v in tv.items()} for tv in tvs]
-    results = []
-    for method, spec in methods().items():
-        if spec.on_models:          # linear: of models, not task vectors (tests/test_weights.py)
-            continue
-        results.append(_merge_check(method, tvs, wide, device))
-        if on_result:
-            on_result(results[-1])
-    return results
+    # linear (on_models) merges models, not task vectors: tests/test_weights.py covers it
+    return _reported((_merge_check(method, tvs, wide, device)
+                      for method, spec in methods().items() if not spec.on_models), on_result)
 
 
 def _merge_check(method, tvs, wide, device):

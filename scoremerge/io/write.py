@@ -54,6 +54,14 @@ def output_metadata(metadata, shards, side_files):
             **dict(sorted(meta.items()))}
 
 
+def settings_metadata(method, options, weights, alpha, exclude, base, experts):
+    """A merge's settings as its output files record them, for output_metadata."""
+    return {"method": method, "options": json.dumps(options, sort_keys=True), "alpha": alpha,
+            **({} if weights is None else {"weights": json.dumps(weights)}),
+            "exclude": json.dumps(list(exclude)), "base": base,
+            "experts": json.dumps([str(e) for e in experts])}
+
+
 def _side_name(item):
     return item[0] if isinstance(item, tuple) else Path(item).name
 

@@ -52,10 +52,9 @@ def merge_factored(task_vectors, shapes, method="score", *, exclude=(), dtype=No
     """
     tvs = list(task_vectors)
     spec, opts = checked_method(method, options, len(tvs))
-    if method == "ties" and opts["scope"] != "tensor":
-        raise MergeInputError("TIES on LoRA experts ranks magnitudes per key only: pass "
-                              "scope='tensor' (--option scope=tensor); a global ranking would "
-                              "materialize every key's update at once")
+    if spec.coupling(opts):
+        raise MergeInputError(f"{spec.coupling(opts)}; LoRA experts are merged key by key (a "
+                              "global ranking would materialize every key's update at once)")
     exclude = exclude_patterns(exclude)
     cdtype = compute_dtype(dtype, any(u.B.dtype == torch.float64 for tv in tvs
                                       for u in tv.values()))

@@ -77,6 +77,9 @@ def magmax(taus):
 
 @merge_method(
     "ties", kind="elementwise", weighted=True, reference=ref.methods.ties,
+    couples_keys=lambda options: None if options["scope"] == "tensor" else (
+        "ties with scope=global ranks entries over the whole model (scope='tensor', "
+        "--option scope=tensor, ranks them per key)"),
     paper="Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023",
     summary="trim each task vector to its largest entries, elect a sign per entry, average "
             "the agreeing values",

@@ -64,7 +64,8 @@ class MergeMethod:
     merged alone and in chunks (methods.entrywise). weighted: the method takes the per-expert
     weights itself (`weights=`, a [T] tensor or None) instead of receiving task vectors already
     scaled by them. on_models: the method merges the experts' weights, not task vectors (the
-    base only names the keys)."""
+    base only names the keys). couples_keys: options -> None when each key merges on its own
+    under those options, else why not (a streaming or per-key merge then cannot run it)."""
     name: str
     kind: str
     summary: str
@@ -76,6 +77,12 @@ class MergeMethod:
     entrywise: bool = False
     weighted: bool = False
     on_models: bool = False
+    couples_keys: object = field(default=None, repr=False)
+
+    def coupling(self, options):
+        """None when every key merges independently of the others under `options` (parsed),
+        else why not."""
+        return self.couples_keys(options) if self.couples_keys else None
 
     @property
     def defaults(self):
@@ -117,7 +124,7 @@ def _keyword_defaults(fn):
 
 
 def merge_method(name, *, kind, summary, paper, reference, options=(), min_tasks=1,
-                 entrywise=False, weighted=False, on_models=False):
+                 entrywise=False, weighted=False, on_models=False, couples_keys=None):
     """Register the decorated function as method `name`."""
     if kind not in ("matrix", "elementwise"):
         raise ValueError(f"method {name!r}: kind must be 'matrix' or 'elementwise', got {kind!r}")
@@ -133,7 +140,7 @@ def merge_method(name, *, kind, summary, paper, reference, options=(), min_tasks
                 raise TypeError(f"method {name!r}: {impl.__module__}.{impl.__qualname__} takes "
                                 f"keyword options {_keyword_defaults(impl)}, declared {declared}")
         _REGISTRY[name] = MergeMethod(name, kind, summary, paper, fn, reference, tuple(options),
-                                      min_tasks, entrywise, weighted, on_models)
+                                      min_tasks, entrywise, weighted, on_models, couples_keys)
         return fn
     return register
 

@@ -174,7 +174,9 @@ def _magnitude_threshold(flat, density):
 def routes_to_matrix(key, tensor, T, exclude, method=None):
     """The matrix path: 2-D, not excluded, and a basis for `method`. SCORE and TSV-M split the
     rank into T per-task blocks of min(m, n) // T directions and need that to be at least 1;
-    Iso-C and Iso-CTS decompose the summed matrix and need only min(m, n) >= 1."""
+    Iso-C and Iso-CTS decompose the summed matrix and need only min(m, n) >= 1. Written again
+    here on purpose (methods/routing.py is the fast path's): the reference shares no code with
+    what it checks, so a routing slip there shows up as a disagreement."""
     needed = 1 if method in ("iso_c", "iso_cts") else T
     return (tensor.ndim == 2 and not any(re.search(p, key) for p in exclude)
             and min(tensor.shape) >= needed)

@@ -17,7 +17,7 @@ from mergekit.merge_methods.base import (BasePolicy, GroupMergeMethod, InputCont
 from pydantic import BeforeValidator
 from typing_extensions import Annotated
 
-import scoremerge
+from scoremerge import api
 from scoremerge.errors import MergeInputError, shown
 from scoremerge.methods.entrywise import plus
 
@@ -52,7 +52,7 @@ class ScoremergeMethod(GroupMergeMethod):
     e.g. SCORE's `variant`. A base model is required."""
 
     def __init__(self, name):
-        method = scoremerge.methods()[name]
+        method = api.methods()[name]
         self.scoremerge_name = name
         self.option_names = tuple(o.name for o in method.options)
         self.spec = MergeMethodSpec(
@@ -80,7 +80,7 @@ class ScoremergeMethod(GroupMergeMethod):
             weight = parameters["weight"][entry.id]
             taus.append({key: tau if weight == 1.0 else tau * weight})
         options = {n: parameters[n] for n in self.option_names}
-        merged = scoremerge.merge_task_vectors(taus, self.scoremerge_name, **options)[key]
+        merged = api.merge_task_vectors(taus, self.scoremerge_name, **options)[key]
         out = plus(b, merged, parameters["lambda"]).to(base.dtype)
         if not torch.isfinite(out).all():
             raise MergeInputError(f"{key}: the merged value is not finite in {base.dtype} "

@@ -1,0 +1,128 @@
+"""The streaming merge's pipeline: this rank's batches read, merged and written, the three
+overlapped (a reader thread fetches the next batch, and on a GPU copies it over on a side stream,
+while the current one merges; a writer thread puts each merged tensor at its place in its output
+shard), and the ranks' agreement on how it went."""
+import functools
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import MergeInputError
+from ..io.shard_writer import ShardWriter
+from .resume import sha256, write_progress
+
+
+def merge_my_shards(plan, batches, merge, device, progress, method):
+    """Merge this rank's shards (ranks take whole output shards in turn, so each writes only
+    its own files), check that no input changed meanwhile, and agree with the other ranks on
+    how it went: bad input (2) removes the build folder; anything else (1) leaves the
+    completed shards for resume. Returns how many shards were reused."""
+    world, reused = plan.world, len(plan.done)
+    mine = {name for i, name in enumerate(plan.shards) if i % world.size == world.rank}
+    todo = [b for b in batches if b.shard in mine and b.shard not in plan.done]
+    bar = tqdm(total=sum(b.nbytes for b in todo), unit="B", unit_scale=True,
+               desc=f"merge ({method})", disable=not progress)
+    writers, error = {}, None
+    try:
+        _run(todo, plan, writers, bar, merge, device)
+        for model in plan.models:
+            model.check_unchanged()
+    except BaseException as e:
+        for w in writers.values():
+            w.abort()                          # completed shards stay, for resume
+        error = e
+    finally:
+        bar.close()
+    outcome = world.max(2 if isinstance(error, MergeInputError) else 1 if error else 0)
+    if outcome == 2 and world.rank == 0:
+        shutil.rmtree(plan.partial, ignore_errors=True)
+    if outcome:
+        world.barrier()
+        raise error or MergeInputError("another rank of this merge failed; see its error")
+    return reused
+
+
+def _run(batches, plan, writers, bar, merge, device):
+    """The pipeline: read batch i+1 (and on a GPU copy it over) while batch i merges; write
+    batch i while i+1 merges."""
+    models, stats = plan.models, plan.stats
+    remaining = {}                          # batches of each shard not yet written
+    for batch in batches:
+        remaining[batch.shard] = remaining.get(batch.shard, 0) + 1
+    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+        fetch = reader.submit(_read, batches[0], models, stats, device) if batches else None
+        pending = None
+        for i, batch in enumerate(batches):
+            tensors = _arrived(*fetch.result(), device)
+            fetch = reader.submit(_read, batches[i + 1], models, stats, device) \
+                if i + 1 < len(batches) else None
+            t0 = time.perf_counter()
+            merged = merge(tensors)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)           # so compute_s is the GPU's time
+            stats["compute_s"] += time.perf_counter() - t0
+            if pending is not None:
+                pending.result()                          # at most one batch waits to be written
+            if batch.shard not in writers:
+                layout = {k: (models[0].infos[k].dtype, models[0].infos[k].shape)
+                          for k in plan.shards[batch.shard]}
+                writers[batch.shard] = ShardWriter(plan.partial / batch.shard, layout, plan.meta)
+            pending = writer.submit(_write, plan, writers, batch, merged, remaining)
+            bar.update(batch.nbytes)
+            stats["keys"] += len(batch.keys) if not batch.span or not batch.span[0] else 0
+            bar.set_postfix(keys=stats["keys"])
+        if pending is not None:
+            pending.result()
+
+
+def _read(batch, models, stats, device):
+    """The batch's tensors of every model, and on a GPU an event marking their arrival there:
+    read into memory, then copied from pinned (page-locked) memory on a side stream, so the
+    copy runs while the previous batch computes."""
+    t0 = time.perf_counter()
+    span = batch.span or (None, None)
+    out = [{key: m.read(key, *span) for key in batch.keys} for m in models]
+    event = None
+    if device.type == "cuda":
+        with torch.cuda.stream(_copy_stream(device)):
+            out = [{k: v.pin_memory().to(device, non_blocking=True) for k, v in d.items()}
+                   for d in out]
+            event = torch.cuda.Event()
+            event.record()
+    stats["read_s"] += time.perf_counter() - t0
+    stats["bytes_read"] += batch.nbytes
+    return out, event
+
+
+def _arrived(tensors, event, device):
+    """The tensors, usable on the compute stream: it waits for their copy, and the caching
+    allocator learns they are in use there (they were allocated on the copy stream)."""
+    if event is not None:
+        compute = torch.cuda.current_stream(device)
+        compute.wait_event(event)
+        for d in tensors:
+            for t in d.values():
+                t.record_stream(compute)
+    return tensors
+
+
+@functools.cache
+def _copy_stream(device):
+    return torch.cuda.Stream(device)
+
+
+def _write(plan, writers, batch, merged, remaining):
+    t0 = time.perf_counter()
+    w = writers[batch.shard]
+    for key in batch.keys:
+        w.put(key, merged[key], start=batch.span[0] if batch.span else None)
+    remaining[batch.shard] -= 1
+    if remaining[batch.shard] == 0:
+        w.finish()
+        del writers[batch.shard]
+        plan.done[batch.shard] = sha256(plan.partial / batch.shard)
+        write_progress(plan.partial, plan.settings, plan.done, plan.world.rank)
+    plan.stats["write_s"] += time.perf_counter() - t0
