@@ -24,6 +24,13 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def rel_err(x, answer):
+    """Relative Frobenius error of x against the answer, in float64 on the CPU: the one helper
+    the benchmarks measure errors with."""
+    x, answer = x.detach().double().cpu(), answer.detach().double().cpu()
+    return ((x - answer).norm() / answer.norm().clamp_min(1e-300)).item()
+
+
 def best_time(fn, rounds=3, warmup=1, device="cpu"):
     """Minimum wall time of fn over rounds, after warmup calls, with device syncs."""
     for _ in range(warmup):

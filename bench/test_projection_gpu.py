@@ -23,7 +23,7 @@ import torch
 from scoremerge import ops
 from scoremerge.ops.projection import batched as torch_projection
 
-from harness import best_time, ceilings, interleaved, record
+from harness import best_time, ceilings, interleaved, record, rel_err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -46,10 +46,6 @@ def projection_flops(B, T, m, n, p):
     first = 2 * p * m * n
     second = 2 * p * n * p if n <= m else 2 * p * m * p
     return B * T * (first + second)
-
-
-def rel_err(x, answer):
-    return ((x.double() - answer).norm() / answer.norm()).item()
 
 
 @pytest.fixture(scope="module")

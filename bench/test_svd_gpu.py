@@ -63,7 +63,7 @@ import torch
 import scoremerge
 from scoremerge import BackendUnavailableError, ops, ref
 
-from harness import best_time, ceilings, interleaved, record, sync
+from harness import best_time, ceilings, interleaved, record, rel_err, sync
 from workloads import VIT_B_BLOCK
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -458,10 +458,6 @@ def test_polar_vit_b16(env, side, m, n):
 
 
 # ------------------------------------------------------------------------------- end to end
-
-def rel_err(x, answer):
-    return ((x.double().cpu() - answer).norm() / answer.norm()).item()
-
 
 def test_score_merge_vit_b16(env):
     shapes = model_shapes(VIT_BLOCK, "blocks", VIT_BLOCKS)

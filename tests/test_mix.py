@@ -6,6 +6,8 @@ import torch
 
 from scoremerge import ops, ref
 
+from conftest import rel_err
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = ["torch", "triton"] + (["cuda"] if DEVICE.type == "cuda" else [])
 
@@ -20,10 +22,6 @@ def case(K, N, G, dtype, seed):
     coeffs = torch.softmax(torch.randn(G, K, generator=g), dim=1)
     cuts = sorted(torch.randint(0, N + 1, (G - 1,), generator=g).tolist())
     return experts, coeffs, [0, *cuts, N]
-
-
-def err(x, answer):
-    return ((x.double().cpu() - answer).norm() / answer.norm().clamp_min(1e-300)).item()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -44,7 +42,7 @@ def test_mix_matches_the_reference(backend, K, N, G, dtype, out_dtype):
     # Triton's CPU interpreter casts fp32 to bf16 by truncation (its cast ignores the rounding
     # mode; a GPU rounds to nearest): a one-ulp error where rounding makes half an ulp.
     truncates = backend == "triton" and DEVICE.type == "cpu" and out_dtype == torch.bfloat16
-    assert err(got, answer) <= (4 if truncates else 2) * err(reference, answer) + 1e-7
+    assert rel_err(got, answer) <= (4 if truncates else 2) * rel_err(reference, answer) + 1e-7
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -61,9 +59,9 @@ def test_empty_groups_and_default_bounds(backend):
     experts, coeffs, _ = case(3, 50, 3, torch.float32, seed=4)
     bounds = [0, 0, 50, 50]
     got = ops.mix(experts.to(DEVICE), coeffs.to(DEVICE), bounds, backend=backend)
-    assert err(got, exact(experts, coeffs, bounds)) < 1e-6
+    assert rel_err(got, exact(experts, coeffs, bounds)) < 1e-6
     one = ops.mix(experts.to(DEVICE), coeffs[1].to(DEVICE), backend=backend)     # [K]: one group
-    assert err(one, exact(experts, coeffs[1:], [0, 50])) < 1e-6
+    assert rel_err(one, exact(experts, coeffs[1:], [0, 50])) < 1e-6
 
 
 def test_bad_input_is_named():
