@@ -41,7 +41,7 @@ class Checkpoint:
             self.format, self.files, self.index, self._weight_map = _layout(self.path)
             for f in self.files:
                 self._fds.append(os.open(f, os.O_RDONLY | os.O_CLOEXEC))
-            self._opened = [_identity(os.fstat(fd)) for fd in self._fds]
+            self._opened = [file_identity(os.fstat(fd)) for fd in self._fds]
             if self.format == "safetensors":
                 self._read_headers(self._weight_map)
                 if not self.infos:
@@ -104,7 +104,7 @@ class Checkpoint:
     def check_unchanged(self):
         """Raise naming a file that was rewritten in place or replaced since it was opened."""
         for fd, path, opened in zip(self._fds, self.files, self._opened):
-            now = _identity(os.fstat(fd))
+            now = file_identity(os.fstat(fd))
             try:
                 named = os.stat(path).st_ino
             except OSError:
@@ -133,7 +133,9 @@ class Checkpoint:
         self.close()
 
 
-def _identity(st):
+def file_identity(st):
+    """What changes whenever a file's content does: its inode, size, and modification and change
+    times (nothing can set a change time back, short of the system clock)."""
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 

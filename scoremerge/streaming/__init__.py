@@ -8,8 +8,9 @@ a writer thread puts each merged tensor straight at its place in its output shar
 header is written first, from the plan), so memory holds a few batches, never a model or a shard.
 
 The output is built in a hidden folder beside `out`, under the output lock (io.access), and
-renamed into place at the end. A completed shard is recorded there with its SHA-256;
-`resume=True` re-verifies the recorded shards and merges only the rest, with the same inputs
+renamed into place at the end. A completed shard is recorded there by its file identity
+(inode, size, modification and change times); `resume=True` reuses the shards that are still
+those files and merges only the rest, with the same inputs
 (io.checkpoint's fingerprint) and settings. Bad input found mid-way (NaN in a tensor, a merged
 value that overflows the output dtype, an input rewritten or replaced while it was read)
 removes the partial output; an interruption leaves it for `resume`.

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from ..errors import MergeInputError
 from ..io.shard_writer import ShardWriter
-from .resume import sha256, write_progress
+from .resume import completed, write_progress
 
 
 def merge_my_shards(plan, batches, merge, device, progress, method):
@@ -123,6 +123,6 @@ def _write(plan, writers, batch, merged, remaining):
     if remaining[batch.shard] == 0:
         w.finish()
         del writers[batch.shard]
-        plan.done[batch.shard] = sha256(plan.partial / batch.shard)
+        plan.done[batch.shard] = completed(plan.partial / batch.shard)
         write_progress(plan.partial, plan.settings, plan.done, plan.world.rank)
     plan.stats["write_s"] += time.perf_counter() - t0

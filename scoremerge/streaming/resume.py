@@ -1,7 +1,7 @@
 """The streaming merge's output folder and its resumption: the build folder beside the output,
-under the output lock; each completed shard recorded with its SHA-256 in a progress file per
-rank; a resumed merge (same inputs and settings, by fingerprint) reusing the shards that still
-hash to their record; the index, side files and the final rename."""
+under the output lock; each completed shard recorded by its file identity in a progress file
+per rank; a resumed merge (same inputs and settings, by fingerprint) reusing the shards that are
+still the files recorded; the index, side files and the final rename."""
 import hashlib
 import json
 import os
@@ -11,6 +11,7 @@ from pathlib import Path
 from ..errors import MergeInputError
 from ..io.access import check_own_partial, check_replaceable, is_weight_file, output_lock
 from ..io.atomic import replace_folder, write_file_atomically
+from ..io.checkpoint import file_identity
 from ..io.safetensors_format import read_header
 from ..io.write import copy_side_files, write_index
 
@@ -77,8 +78,9 @@ def fingerprint(models, meta, backend, device, dtype, shards):
 
 
 def verified_shards(partial, settings):
-    """{shard: sha256} recorded in an interrupted merge's progress files (one per rank) whose
-    files still hash to it; empty when there are none. Other inputs or settings are an error."""
+    """{shard: identity} recorded in an interrupted merge's progress files (one per rank) whose
+    files are still the ones recorded; empty when there are none. Other inputs or settings are
+    an error."""
     recorded = {}
     for path in sorted(partial.glob(PROGRESS_GLOB)):
         try:
@@ -90,20 +92,21 @@ def verified_shards(partial, settings):
                                   "settings; rerun without --resume to start over")
         done = progress.get("done")
         if isinstance(done, dict):
-            recorded |= {k: v for k, v in done.items() if isinstance(v, str)}
-    return {name: digest for name, digest in recorded.items()
+            recorded |= done
+    return {name: identity for name, identity in recorded.items()
             if is_weight_file(name) and (partial / name).is_file()
-            and sha256(partial / name) == digest}
+            and completed(partial / name) == identity}
+
+
+def completed(path):
+    """The record of a completed shard: its file identity (io.checkpoint.file_identity), as a
+    list, as JSON gives it back. A shard changed in any way after it was completed (rewritten,
+    truncated, replaced, touched) no longer matches and is merged again. Why not a hash: the
+    inputs are recognised the same way (Checkpoint.fingerprint), and hashing every shard as it
+    completes cost a third of a task-arithmetic merge (0.43 s of 1.4 s for 1 GB of input)."""
+    return list(file_identity(os.stat(path)))
 
 
 def write_progress(partial, settings, done, rank):
     write_file_atomically(partial / PROGRESS_NAME.format(rank=rank), lambda p: Path(p).write_text(
         json.dumps({"settings": settings, "done": done}, indent=1)))
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
