@@ -10,6 +10,7 @@ import torch
 
 from .. import ref
 from ..parallel import parallel_map
+from ..validate import all_finite
 from .entrywise import CPU_CHUNK
 from .registry import Option, merge_method
 
@@ -61,18 +62,29 @@ def task_arithmetic(taus):
                     "Learning, ECCV 2024",
               summary="per entry, the task value of largest magnitude (the later task on ties)")
 def magmax(taus):
-    merged = {}
-    for key, x in taus.items():
-        # the MagMax authors' running selection: a later task replaces the choice so far on
-        # equal magnitude. Elementwise selects over cache-sized chunks (methods.entrywise):
-        # 3x faster here than an argmax over the task dimension and a gather
-        best, size = x[0], x[0].abs()
-        for tau in x[1:]:
-            magnitude = tau.abs()
-            later = magnitude >= size
-            best, size = torch.where(later, tau, best), torch.where(later, magnitude, size)
-        merged[key] = best.clone() if x.shape[0] == 1 else best
-    return merged
+    return {key: _largest_magnitude(x) for key, x in taus.items()}
+
+
+def _largest_magnitude(x):
+    """x [T, ...] -> the entry of largest magnitude over T, the later task on ties: the MagMax
+    authors' running selection (3x faster here than an argmax over T and a gather), in place in
+    three buffers (1.6x faster than fresh tensors per task, [8, 256K] on one thread).
+
+    A NaN never wins a comparison, so the selection alone would drop a NaN of any task but the
+    first; the running maximum of the magnitudes carries it (torch.maximum propagates NaN) and
+    puts it back, so a NaN input always reaches the merged entry (methods.entrywise relies on
+    that instead of scanning the inputs)."""
+    best = x[0].clone()
+    size = best.abs()
+    magnitude, later = torch.empty_like(size), torch.empty_like(size, dtype=torch.bool)
+    for tau in x[1:]:
+        torch.abs(tau, out=magnitude)
+        torch.ge(magnitude, size, out=later)
+        torch.where(later, tau, best, out=best)
+        torch.maximum(size, magnitude, out=size)
+    if not all_finite(size):
+        best = torch.where(torch.isnan(size), size, best)
+    return best
 
 
 @merge_method(
