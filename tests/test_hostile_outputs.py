@@ -159,11 +159,11 @@ def test_a_run_started_during_a_merge_refuses_and_the_first_finishes(ws, path, m
     hook = "load" if path == "memory" else "read"
     real = getattr(Checkpoint, hook)
 
-    def racing(self, *args):
+    def racing(self, *args, **kwargs):
         if not second:
             second.append(None)
             second[0] = ws.merge(path)           # a second `scoremerge merge` into the same --out
-        return real(self, *args)
+        return real(self, *args, **kwargs)
 
     monkeypatch.setattr(Checkpoint, hook, racing)
     ws.capsys.readouterr()

@@ -70,16 +70,19 @@ class Checkpoint:
             return
         self.infos, self._file_of = _match_index(self.index, weight_map, self.files, headers)
 
-    def read(self, key, start=None, stop=None):
-        """The tensor `key` (safetensors), read from disk into new memory; with start and stop,
-        only its entries [start, stop) in row-major order, as a 1-D tensor."""
+    def read(self, key, start=None, stop=None, out=None):
+        """The tensor `key` (safetensors), read from disk into new memory, or into `out` (a
+        contiguous tensor of its dtype and shape); with start and stop, only its entries
+        [start, stop) in row-major order, as a 1-D tensor."""
         info = self.infos[key]
-        if start is None:
-            out = torch.empty(info.shape, dtype=info.dtype)
-            offset = info.offset
-        else:
-            out = torch.empty(stop - start, dtype=info.dtype)
-            offset = info.offset + start * info.dtype.itemsize
+        shape = info.shape if start is None else (stop - start,)
+        if out is None:
+            out = torch.empty(shape, dtype=info.dtype)
+        elif out.dtype != info.dtype or tuple(out.shape) != tuple(shape) \
+                or not out.is_contiguous():
+            raise ValueError(f"{key}: read into a contiguous {info.dtype} {tuple(shape)}, got "
+                             f"{out.dtype} {tuple(out.shape)}")
+        offset = info.offset + (start or 0) * info.dtype.itemsize
         nbytes = out.numel() * info.dtype.itemsize
         if nbytes:
             view = memoryview(out.view(torch.uint8).reshape(-1).numpy())

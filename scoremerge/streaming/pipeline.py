@@ -52,15 +52,17 @@ def _run(batches, plan, writers, bar, merge, device):
     remaining = {}                          # batches of each shard not yet written
     for batch in batches:
         remaining[batch.shard] = remaining.get(batch.shard, 0) + 1
+    buffers = InputBuffers(batches, models)
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
-        fetch = reader.submit(_read, batches[0], models, stats, device) if batches else None
+        fetch = reader.submit(_read, batches[0], 0, buffers, models, stats, device) \
+            if batches else None
         pending = None
         for i, batch in enumerate(batches):
             tensors = _arrived(*fetch.result(), device)
-            fetch = reader.submit(_read, batches[i + 1], models, stats, device) \
+            fetch = reader.submit(_read, batches[i + 1], i + 1, buffers, models, stats, device) \
                 if i + 1 < len(batches) else None
             t0 = time.perf_counter()
-            merged = merge(tensors)
+            merged = buffers.unshared(merge(tensors))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)           # so compute_s is the GPU's time
             stats["compute_s"] += time.perf_counter() - t0
@@ -78,13 +80,60 @@ def _run(batches, plan, writers, bar, merge, device):
             pending.result()
 
 
-def _read(batch, models, stats, device):
-    """The batch's tensors of every model, and on a GPU an event marking their arrival there:
-    read into memory, then copied from pinned (page-locked) memory on a side stream, so the
-    copy runs while the previous batch computes."""
+class InputBuffers:
+    """Two arenas that batches are read into in turn: batch i + 1 fills one while batch i, in
+    the other, merges. Why: memory allocated fresh for every batch is faulted in page by page
+    as the read fills it (the kernel zeroes each page first), and reading into reused memory
+    ran 2.2x faster (1.8 -> 4.0 GB/s from the page cache, 256 MiB reads, 2-core machine). The
+    arenas are sized for the largest batch, the memory the fresh tensors took at their peak.
+    Batch i's arena is refilled by batch i + 2, after batch i has merged; the merged tensors
+    must not be views of it, which unshared() makes sure of before they go to the writer."""
+    ALIGN = 64
+
+    def __init__(self, batches, models):
+        self.models = models
+        size = max((self._layout(b)[1] for b in batches), default=0)
+        self.arenas = [torch.empty(size, dtype=torch.uint8) for _ in range(min(2, len(batches)))]
+
+    def _layout(self, batch):
+        """([(model index, key, dtype, shape, offset)], bytes) of the batch in an arena."""
+        places, offset = [], 0
+        for m, model in enumerate(self.models):
+            for key in batch.keys:
+                info = model.infos[key]
+                shape = info.shape if batch.span is None else (batch.span[1] - batch.span[0],)
+                places.append((m, key, info.dtype, shape, offset))
+                nbytes = torch.Size(shape).numel() * info.dtype.itemsize
+                offset += -(-nbytes // self.ALIGN) * self.ALIGN
+        return places, offset
+
+    def tensors(self, batch, i):
+        """[{key: an empty tensor} per model] for batch number i, views into its arena."""
+        arena = self.arenas[i % len(self.arenas)]
+        out = [{} for _ in self.models]
+        for m, key, dtype, shape, offset in self._layout(batch)[0]:
+            nbytes = torch.Size(shape).numel() * dtype.itemsize
+            out[m][key] = arena[offset:offset + nbytes].view(dtype).view(shape)
+        return out
+
+    def unshared(self, merged):
+        """The merged tensors, each copied if it shares memory with an arena (no method returns
+        such a view today; this keeps a future one from being overwritten while it is written)."""
+        bounds = [(a.data_ptr(), a.data_ptr() + a.numel()) for a in self.arenas]
+        return {key: t.clone() if any(lo <= t.data_ptr() < hi for lo, hi in bounds) else t
+                for key, t in merged.items()}
+
+
+def _read(batch, i, buffers, models, stats, device):
+    """Batch number i's tensors of every model, and on a GPU an event marking their arrival
+    there: read into its arena (InputBuffers), then copied from pinned (page-locked) memory on a
+    side stream, so the copy runs while the previous batch computes."""
     t0 = time.perf_counter()
     span = batch.span or (None, None)
-    out = [{key: m.read(key, *span) for key in batch.keys} for m in models]
+    out = buffers.tensors(batch, i)
+    for model, tensors in zip(models, out):
+        for key, tensor in tensors.items():
+            model.read(key, *span, out=tensor)
     event = None
     if device.type == "cuda":
         with torch.cuda.stream(_copy_stream(device)):
