@@ -88,6 +88,24 @@ def test_reconstruct_with_base_alpha_and_cast():
     assert torch.equal(out[1], want)
 
 
+@pytest.mark.parametrize("B, m, p, n", [(2, 17, 11, 9), (1, 5, 1, 13), (3, 8, 8, 8)])
+def test_reconstruct_with_a_diagonal_s(B, m, p, n):
+    """S given as its diagonal [B, p] is the same product as the full [B, p, p] (the zeros add
+    nothing, exactly); float32 within twice the float32 reference's error of the answer."""
+    U, s, V = randn(B, m, p, seed=4), randn(B, p, seed=5), randn(B, p, n, seed=6)
+    answer = ops.reconstruct(U, s.diag_embed(), V, backend="torch")
+    assert rel_err(ops.reconstruct(U, s, V, backend="torch"), answer) < 1e-15
+    for b in range(B):
+        assert rel_err(ref.reconstruct(U[b], s[b], V[b]), answer[b]) < 1e-15
+    got32 = ops.reconstruct(U.float(), s.float(), V.float(), backend="torch")
+    ref32 = torch.stack([ref.reconstruct(U[b].float(), s[b].float(), V[b].float())
+                         for b in range(B)])
+    assert got32.dtype == torch.float32
+    assert rel_err(got32, answer) <= 2 * rel_err(ref32, answer) + 1e-7
+    with pytest.raises(ValueError, match="shapes do not chain"):
+        ops.reconstruct(U, randn(B, p + 1), V)
+
+
 def test_bad_shapes_and_backends_are_named():
     with pytest.raises(ValueError, match=r"k must be in 1\.\.min\(m, n\) = 6"):
         ops.truncated_svd(randn(2, 9, 6), 7)

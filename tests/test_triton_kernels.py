@@ -116,6 +116,18 @@ def test_reconstruct_matches_the_reference(B, m, p, q, n, poisoned_empty):
         assert rel_err(got32.cpu(), want) <= 2 * rel_err(ref32, want) + 1e-7
 
 
+@pytest.mark.parametrize("B, m, p, n", [(2, 37, 11, 23), (1, 5, 1, 7)])
+def test_reconstruct_with_a_diagonal_s_matches_the_reference(B, m, p, n):
+    g = torch.Generator().manual_seed(m + p)
+    U, s, V, base = (torch.randn(*shape, generator=g, dtype=torch.float64)
+                     for shape in ((B, m, p), (B, p), (B, p, n), (B, m, n)))
+    want = torch.stack([ref.projection.reconstruct(U[b], s[b], V[b], base=base[b], alpha=0.37)
+                        for b in range(B)])
+    got = ops.reconstruct(U.to(DEVICE), s.to(DEVICE), V.to(DEVICE), base=base.to(DEVICE),
+                          alpha=0.37, backend="triton")
+    assert rel_err(got.cpu(), want) < 1e-12
+
+
 def test_reconstruct_casts_on_store():
     g = torch.Generator().manual_seed(1)
     U, S, V = (torch.randn(2, *s, generator=g) for s in ((9, 4), (4, 4), (4, 11)))

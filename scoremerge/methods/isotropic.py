@@ -45,6 +45,5 @@ def _flat_spectrum(U, s, Vh, backend):
 
 
 def _scaled_product(U, scale, Vh, backend):
-    """scale[b] * U[b] @ Vh[b] through ops.reconstruct."""
-    eye = torch.eye(U.shape[-1], dtype=U.dtype, device=U.device)
-    return ops.reconstruct(U, scale[:, None, None] * eye, Vh, backend=backend)
+    """scale[b] * U[b] @ Vh[b] through ops.reconstruct, the scale a constant diagonal."""
+    return ops.reconstruct(U, scale[:, None].expand(-1, U.shape[-1]), Vh, backend=backend)

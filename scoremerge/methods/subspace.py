@@ -43,4 +43,4 @@ def score(tau, *, variant="full", trim_multiplier=1.96, trim_per_task=True, back
     summary="TSV-M: the shared basis of SCORE with each task's own top-k singular values")
 def tsv(tau, *, backend="auto"):
     Ustar, scat, Vstar = shared_basis(tau, backend)
-    return ops.reconstruct(Ustar, scat.diag_embed(), Vstar, backend=backend)
+    return ops.reconstruct(Ustar, scat, Vstar, backend=backend)

@@ -53,16 +53,19 @@ def reconstruct(Ustar, S, Vstar, *, base=None, alpha=1.0, out_dtype=None, precis
                 backend="auto"):
     """Ustar [B, m, p] @ S [B, p, q] @ Vstar [B, q, n] -> [B, m, n], or base + alpha * that when
     base [B, m, n] is given (any float dtype), cast to out_dtype (default: S's dtype).
-    precision: as in project_and_mask (Triton only).
+    S may also be a diagonal, given as [B, p] (q = p): TSV-M's and the Iso methods' spectra,
+    which then cost no p x p product. precision: as in project_and_mask (Triton only).
 
     >>> W = reconstruct(Ustar, S, Vstar, base=W0, alpha=1.0, out_dtype=torch.bfloat16)
     """
-    for name, x in (("Ustar", Ustar), ("S", S), ("Vstar", Vstar)):
+    for name, x in (("Ustar", Ustar), ("Vstar", Vstar)):
         check_matrix_batch(name, x)
+    check_matrix_batch("S", S, ndim=2 if S.ndim == 2 else 3)
     check_same("dtype", Ustar=Ustar, S=S, Vstar=Vstar)
     check_same("device", Ustar=Ustar, S=S, Vstar=Vstar)
     B, m, p = Ustar.shape
-    if S.shape[0] != B or S.shape[1] != p or Vstar.shape[:2] != (B, S.shape[2]):
+    q = S.shape[-1]
+    if S.shape[0] != B or S.shape[1] != p or Vstar.shape[:2] != (B, q):
         raise ValueError(f"shapes do not chain: Ustar {tuple(Ustar.shape)}, S {tuple(S.shape)}, "
                          f"Vstar {tuple(Vstar.shape)}")
     if base is not None and base.shape != (B, m, Vstar.shape[2]):

@@ -28,7 +28,9 @@ def project_and_mask(tau, Ustar, Vstar, variant, trim_multiplier, trim_per_task)
 
 
 def reconstruct(Ustar, S, Vstar, base, alpha, out_dtype):
-    out = (Ustar @ S) @ Vstar
+    """See ops.reconstruct; S [B, p, q], or its diagonal [B, p]."""
+    US = Ustar * S[:, None, :] if S.ndim == 2 else Ustar @ S
+    out = US @ Vstar
     if base is not None:
         out = torch.add(base.to(out.dtype), out, alpha=alpha)
     return out.to(out_dtype)

@@ -40,8 +40,9 @@ def project_and_mask(tau, Ustar, Vstar, *, variant="full", trim_multiplier=1.96,
 
 
 def reconstruct(Ustar, S, Vstar, *, base=None, alpha=1.0, out_dtype=None):
-    """Ustar S Vstar, or base + alpha * Ustar S Vstar, cast to out_dtype (default: S's dtype)."""
-    out = Ustar @ S @ Vstar
+    """Ustar S Vstar, or base + alpha * Ustar S Vstar, cast to out_dtype (default: S's dtype).
+    S [p, q], or a diagonal given as [p]."""
+    out = Ustar @ (torch.diag(S) if S.ndim == 1 else S) @ Vstar
     if base is not None:
         out = base.to(out.dtype) + alpha * out
     return out.to(out_dtype or S.dtype)

@@ -106,11 +106,14 @@ def project_and_mask(tau, Ustar, Vstar, variant, trim_multiplier, trim_per_task,
 
 
 def reconstruct(Ustar, S, Vstar, base, alpha, out_dtype, precision="ieee"):
-    """[B, m, n]; the arguments as ops.reconstruct."""
+    """[B, m, n]; the arguments as ops.reconstruct (S [B, p, q], or its diagonal [B, p])."""
     B, m, _ = Ustar.shape
-    q, n = S.shape[2], Vstar.shape[2]
-    US = torch.empty(B, m, q, dtype=Ustar.dtype, device=Ustar.device)
-    bmm(Ustar, S, US, precision=precision)
+    q, n = S.shape[-1], Vstar.shape[2]
+    if S.ndim == 2:
+        US = (Ustar * S[:, None, :]).contiguous()
+    else:
+        US = torch.empty(B, m, q, dtype=Ustar.dtype, device=Ustar.device)
+        bmm(Ustar, S, US, precision=precision)
     out = torch.empty(B, m, n, dtype=out_dtype, device=Ustar.device)
     bmm(US, Vstar, out, base=base, alpha=alpha, precision=precision)
     return out
