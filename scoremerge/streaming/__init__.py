@@ -3,17 +3,18 @@
 Nothing is loaded whole. The headers are read first and everything is checked that can be
 (keys, shapes, dtypes, truncated files, the index against the shards); then the keys are merged
 in batches of same-shape keys under a byte budget, in the base's order, so each shard file is
-read front to back. A reader thread fetches the next batch while the current one is merged, and
-a writer thread puts each merged tensor straight at its place in its output shard (the shard's
-header is written first, from the plan), so memory holds a few batches, never a model or a shard.
+read front to back (plan.py). A reader thread fetches the next batch into reused memory while
+the current one is merged, and a writer thread puts each merged tensor straight at its place in
+its output shard (the shard's header is written first, from the plan), so memory holds a few
+batches, never a model or a shard (pipeline.py).
 
 The output is built in a hidden folder beside `out`, under the output lock (io.access), and
 renamed into place at the end. A completed shard is recorded there by its file identity
 (inode, size, modification and change times); `resume=True` reuses the shards that are still
-those files and merges only the rest, with the same inputs
-(io.checkpoint's fingerprint) and settings. Bad input found mid-way (NaN in a tensor, a merged
-value that overflows the output dtype, an input rewritten or replaced while it was read)
-removes the partial output; an interruption leaves it for `resume`.
+those files and merges only the rest, with the same inputs (io.checkpoint's fingerprint) and
+settings (resume.py). Bad input found mid-way (NaN in a tensor, a merged value that overflows
+the output dtype, an input rewritten or replaced while it was read) removes the partial output;
+an interruption leaves it for `resume`.
 """
 import functools
 import time
