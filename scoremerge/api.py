@@ -8,7 +8,7 @@ from . import ref
 from .backend import requested
 from .errors import MergeInputError, shown
 from .methods import all_methods, get
-from .methods.entrywise import merge_key, plus
+from .methods.entrywise import key_job, plus, run_jobs
 from .methods.routing import excluded, shape_groups
 from .parallel import parallel_map
 from .validate import (all_finite, check_device, check_models, exclude_patterns, finite_number,
@@ -157,23 +157,26 @@ def _weight_tensor(weights, like):
 
 def _merge_entrywise(base, experts, spec, opts, weights, alpha, exclude, device, dtype,
                      allow_nonfinite, names, progress):
-    """merge_checked for an entrywise method: key by key, in chunks (methods.entrywise)."""
+    """merge_checked for an entrywise method: every key in chunks (methods.entrywise), the
+    entries of all keys spread over the CPU threads together."""
     floating = [b for b in base.values() if b.is_floating_point()]
     cdtype = compute_dtype(dtype, any(x.dtype == torch.float64 for m in (base, *experts)
                                        for x in m.values()))
     home = floating[0].device if floating else torch.device("cpu")
     device = check_device(device) if device is not None else home
-    out = {}
-    for key, b in tqdm(base.items(), total=len(base), desc=f"merge ({spec.name})", unit="key",
-                       disable=not progress):
+    out, jobs = {}, []
+    for key, b in base.items():
         if not b.is_floating_point():
             out[key] = b.clone()
             continue
-        out[key] = merge_key(key, b, [e[key] for e in experts],
-                             _entrywise_fn(key, spec, opts, weights, excluded(key, exclude)),
-                             alpha=alpha, on_models=spec.on_models,
-                             compute_dtype=cdtype, device=device, names=names,
-                             allow_nonfinite=allow_nonfinite)
+        out[key], job = key_job(key, b, [e[key] for e in experts],
+                                _entrywise_fn(key, spec, opts, weights, excluded(key, exclude)),
+                                alpha=alpha, on_models=spec.on_models, compute_dtype=cdtype,
+                                device=device, names=names, allow_nonfinite=allow_nonfinite)
+        jobs.append(job)
+    with tqdm(total=sum(b.numel() for b in floating), desc=f"merge ({spec.name})", unit="entry",
+              unit_scale=True, disable=not progress) as bar:
+        run_jobs(jobs, device, on_span=bar.update if progress else None)
     return out
 
 

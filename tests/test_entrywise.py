@@ -96,3 +96,31 @@ def test_overflow_is_refused_unless_allowed():
         api.merge(base, experts, "task_arithmetic")
     merged = api.merge(base, experts, "task_arithmetic", allow_nonfinite=True)
     assert torch.isinf(merged["w"]).all()
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_the_threads_share_every_entry_once(threads, monkeypatch):
+    """run_jobs cuts the entries of all keys into one contiguous share per thread: every entry
+    of every key is merged exactly once, whatever the key sizes (empty keys too)."""
+    from scoremerge.methods import entrywise
+
+    class Job:
+        def __init__(self, n):
+            self.base, self.spans = torch.empty(n), []
+
+        def run(self, lo, hi, chunk):
+            self.spans.append((lo, hi))
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(entrywise, "parallel_map", lambda fn, items: [fn(i) for i in items])
+    g = torch.Generator().manual_seed(threads)
+    sizes = [0, 1, 7, CPU_CHUNK - 1, CPU_CHUNK, 3 * CPU_CHUNK + 11, 5] + \
+        torch.randint(0, 2 * CPU_CHUNK, (6,), generator=g).tolist()
+    jobs = [Job(n) for n in sizes]
+    entrywise.run_jobs(jobs, torch.device("cpu"))
+    for job, n in zip(jobs, sizes):
+        ends = [0]
+        for lo, hi in sorted(job.spans):
+            assert lo == ends[-1] and hi > lo
+            ends.append(hi)
+        assert ends[-1] == n

@@ -12,6 +12,8 @@ it fails are the inputs scanned, to name the model at fault.
 The arithmetic is api.merge's, step for step and in the same dtypes, so the result is the same
 to the bit as merging the whole key at once.
 """
+import bisect
+
 import torch
 
 from ..errors import MergeInputError, shown
@@ -33,22 +35,59 @@ def merge_key(key, base, experts, merge_fn, *, alpha, compute_dtype, device, nam
     for messages. allow_nonfinite: an entry the update overflows is written as Inf (a NaN or
     Inf input is refused all the same). on_models: merge_fn takes the experts' values
     themselves and its result is the merged value (alpha must be 1)."""
+    out, job = key_job(key, base, experts, merge_fn, alpha=alpha, compute_dtype=compute_dtype,
+                       device=device, names=names, allow_nonfinite=allow_nonfinite,
+                       on_models=on_models)
+    run_jobs([job], device)
+    return out
+
+
+def key_job(key, base, experts, merge_fn, *, alpha, compute_dtype, device, names,
+            allow_nonfinite=False, on_models=False):
+    """(an empty output like base, the _Job that fills it): merge_key's arguments, for
+    run_jobs to run with other keys' jobs."""
     tau_dtype = torch.promote_types(torch.float32, base.dtype)
     for e in experts:
         tau_dtype = torch.promote_types(tau_dtype, e.dtype)
-    n = base.numel()
     out = torch.empty_like(base)
-    job = _Job(key, base.reshape(-1), [e.reshape(-1) for e in experts], out.view(-1), merge_fn,
-               alpha, compute_dtype, tau_dtype, device, names, allow_nonfinite, on_models)
+    return out, _Job(key, base.reshape(-1), [e.reshape(-1) for e in experts], out.view(-1),
+                     merge_fn, alpha, compute_dtype, tau_dtype, device, names, allow_nonfinite,
+                     on_models)
+
+
+def run_jobs(jobs, device, on_span=None):
+    """Run every job over all its entries. On a CPU the entries of all the jobs together are
+    cut into one contiguous share per thread (one intra-op thread each), in key order: a
+    model's many small keys no longer pay a thread hand-off each, and a share starts and ends
+    anywhere inside a key (2-layer ViT-B, 39 keys, T = 8: 0.12-0.15 -> 0.10 s, the same bits).
+    A share smaller than a chunk is not worth a thread. on_span(entries): called as each span
+    is done (a progress bar)."""
     if device.type != "cpu":
-        job.run(0, n, max(n, 1))
-    else:
-        # Small ops on two threads each would spend more on waking the other thread than on
-        # the chunk: the span is split between threads instead, one intra-op thread each.
-        parts = min(torch.get_num_threads(), -(-n // CPU_CHUNK))
-        bounds = [n * i // parts for i in range(parts + 1)] if n else []
-        parallel_map(lambda span: job.run(*span, CPU_CHUNK), list(zip(bounds, bounds[1:])))
-    return out
+        for job in jobs:
+            n = job.base.numel()
+            if n:
+                job.run(0, n, n)
+            if on_span:
+                on_span(n)
+        return
+    total = sum(job.base.numel() for job in jobs)
+    shares = min(torch.get_num_threads(), -(-total // CPU_CHUNK)) or 1
+    bounds = [total * s // shares for s in range(shares + 1)]   # share s: [bounds[s], bounds[s+1])
+    plans, at = [[] for _ in range(shares)], 0
+    for job in jobs:
+        n, lo = job.base.numel(), 0
+        while lo < n:
+            s = bisect.bisect_right(bounds, at) - 1
+            hi = min(n, lo + bounds[s + 1] - at)
+            plans[s].append((job, lo, hi))
+            at, lo = at + hi - lo, hi
+
+    def run(plan):
+        for job, lo, hi in plan:
+            job.run(lo, hi, CPU_CHUNK)
+            if on_span:
+                on_span(hi - lo)
+    parallel_map(run, plans)
 
 
 class _Job:
