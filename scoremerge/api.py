@@ -8,6 +8,7 @@ from . import ref
 from .backend import requested
 from .errors import MergeInputError, shown
 from .methods import all_methods, get
+from .methods.elementwise import per_task
 from .methods.entrywise import key_job, plus, run_jobs
 from .methods.routing import excluded, shape_groups
 from .parallel import parallel_map
@@ -155,6 +156,11 @@ def _weight_tensor(weights, like):
     return torch.tensor(weights, dtype=like.dtype, device=like.device)
 
 
+def _scaled_by_task(x, weights):
+    """x [T, ...] with task t's entries times weights[t]."""
+    return x * per_task(_weight_tensor(weights, x), x)
+
+
 def _merge_entrywise(base, experts, spec, opts, weights, alpha, exclude, device, dtype,
                      allow_nonfinite, names, progress):
     """merge_checked for an entrywise method: every key in chunks (methods.entrywise), the
@@ -187,7 +193,7 @@ def _entrywise_fn(key, spec, opts, weights, is_excluded):
         if is_excluded and spec.on_models:
             return x.mean(dim=0)                 # the models' plain mean
         if weights is not None and not (spec.weighted and not is_excluded):
-            x = x * _weight_tensor(weights, x)[:, None]
+            x = _scaled_by_task(x, weights)
         if is_excluded:
             return x.mean(dim=0)
         if weights is not None and spec.weighted:
@@ -296,7 +302,7 @@ class _Stack:
     def stacked(self, key, scaled=True):
         x = torch.stack([tv[key].to(device=self.device, dtype=self.dtype) for tv in self.tvs])
         if scaled and self.weights is not None:
-            x = x * _weight_tensor(self.weights, x).reshape(-1, *([1] * (x.ndim - 1)))
+            x = _scaled_by_task(x, self.weights)
         return x
 
     def store(self, key, value):

@@ -263,3 +263,25 @@ def test_streaming_on_a_gpu_agrees_with_the_cpu(checkpoints, tmp_path, method):
             assert diff <= 1e-3 * want[key].double().norm() + 1e-6, key
         else:
             assert torch.equal(got[key], want[key]), key
+
+
+def test_resume_trusts_only_plain_shard_names_of_its_folder(tmp_path):
+    """A progress record naming a path outside the build folder, or a link inside it, is not
+    a completed shard, even with the right file identity."""
+    import json
+    import os
+
+    from scoremerge.streaming.resume import completed, verified_shards
+    partial = tmp_path / "build"
+    (partial / "model").mkdir(parents=True)        # so the crafted name resolves
+    (partial / "model-00001-of-00002.safetensors").write_bytes(b"shard")
+    outside = tmp_path / "model-secret.safetensors"
+    outside.write_bytes(b"elsewhere")
+    os.symlink(outside, partial / "model-00002-of-00002.safetensors")
+    first = "model-00001-of-00002.safetensors"
+    done = {first: completed(partial / first),
+            "model/../../model-secret.safetensors": completed(outside),
+            "model-00002-of-00002.safetensors":
+                completed(partial / "model-00002-of-00002.safetensors")}
+    (partial / "scoremerge-progress-0.json").write_text(json.dumps({"settings": "s", "done": done}))
+    assert list(verified_shards(partial, "s")) == [first]

@@ -26,7 +26,7 @@ _SAMPLED_SELECTION, _SAMPLE = 1 << 20, 1 << 16
 def mean(taus, *, weights=None):
     if weights is None:
         return {key: x.mean(dim=0) for key, x in taus.items()}
-    return {key: (x * _per_task(weights, x)).sum(dim=0) / weights.sum() for key, x in taus.items()}
+    return {key: (x * per_task(weights, x)).sum(dim=0) / weights.sum() for key, x in taus.items()}
 
 
 @merge_method("linear", kind="elementwise", entrywise=True, weighted=True, on_models=True,
@@ -134,7 +134,7 @@ def _ties_scope(taus, density, disjoint, zero_sign, trim, weights):
     trimmed = _trimmer(taus, density, trim)
     if weights is not None:
         def kept(key, x, start):
-            return trimmed(key, x, start) * _per_task(weights, x)
+            return trimmed(key, x, start) * per_task(weights, x)
     else:
         kept = trimmed
 
@@ -253,7 +253,7 @@ def kth_largest(values, k):
     return values.kthvalue(n - k + 1).values
 
 
-def _per_task(weights, x):
+def per_task(weights, x):
     """weights [T] shaped to multiply x [T, ...] task by task."""
     return weights.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
@@ -272,7 +272,7 @@ def _disjoint(chosen, agree, elected, how, weights):
         return chosen.abs().amax(dim=0) * elected
     if weights is None:
         return chosen.sum(dim=0) / agree.sum(dim=0).clamp(min=1)
-    divisor = (_per_task(weights, chosen) * agree).sum(dim=0)
+    divisor = (per_task(weights, chosen) * agree).sum(dim=0)
     return chosen.sum(dim=0) / torch.where(divisor == 0, 1.0, divisor)
 
 
