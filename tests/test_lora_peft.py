@@ -2,11 +2,19 @@
 peft.get_peft_model(...).save_pretrained are read as exactly the update PEFT's merge_and_unload
 adds, and the merged adapter scoremerge writes loads in PeftModel.from_pretrained and gives
 scoremerge's merged weights and outputs."""
+import os
+
 import pytest
 import torch
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+try:
+    import peft
+    import transformers
+except ModuleNotFoundError:
+    if "CI" in os.environ:                     # CI installs the test extra: missing is a failure
+        raise
+    pytest.skip("peft or transformers is not installed (the `test` extra pins peft==0.21.2 "
+                "and transformers==5.24.0)", allow_module_level=True)
 
 from scoremerge.io.checkpoint import Checkpoint  # noqa: E402
 from scoremerge.lora import (LowRank, load_adapter, merge_adapter_checkpoints,  # noqa: E402
