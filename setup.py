@@ -1,6 +1,8 @@
-"""Builds the optional CUDA extension scoremerge._C from csrc/ when nvcc is on the machine.
+"""Builds the optional CUDA extension scoremerge._C from csrc/ when nvcc is on the machine, and
+the optional CPU extension scoremerge._cpu from csrc/cpu/ with the machine's C++ compiler.
 
-No nvcc, SCOREMERGE_SKIP_CUDA_BUILD set, or no .cu sources: a pure-Python install. The
+No nvcc, SCOREMERGE_SKIP_CUDA_BUILD set, or no .cu sources: no _C. No C++ compiler (or a
+failed compile): no _cpu, and the code it speeds up runs in torch. Either way the install works. The
 extension binds raw device pointers with pybind11 and does not link torch (DESIGN.md).
 Architectures: SCOREMERGE_CUDA_ARCHS, default "80;90". Either way the csrc/*.cuh kernel sources
 are copied into the package (scoremerge/_csrc/), where an installed wheel's CuPy path finds them.
@@ -17,6 +19,7 @@ from setuptools.command.build_py import build_py
 ROOT = Path(__file__).parent
 SOURCES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))
 HEADERS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cuh"))
+CPU_SOURCES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
 
 
 def _nvcc():
@@ -26,15 +29,24 @@ def _nvcc():
                                     if os.environ.get("CUDA_HOME") else None)
 
 
-class NvccBuildExt(build_ext):
-    """Compile and link the .cu sources with nvcc itself: it knows its toolkit's paths (nvcc is
-    often a wrapper script outside the toolkit), and a static cudart keeps the module free of a
-    libcudart.so search at import."""
+class BuildExt(build_ext):
+    """_C: compile and link the .cu sources with nvcc itself: it knows its toolkit's paths (nvcc
+    is often a wrapper script outside the toolkit), and a static cudart keeps the module free of
+    a libcudart.so search at import. _cpu: the usual C++ build, with pybind11's headers."""
 
     def build_extension(self, ext):
         import sysconfig
 
-        import pybind11
+        try:
+            import pybind11
+        except ImportError:
+            if not ext.optional:
+                raise
+            print(f"scoremerge: pybind11 is missing, {ext.name} is not built")
+            return None
+        if ext.name != "scoremerge._C":
+            ext.include_dirs.append(pybind11.get_include())
+            return super().build_extension(ext)
         archs = [a for a in os.environ.get("SCOREMERGE_CUDA_ARCHS", "80;90").split(";") if a]
         target = Path(self.get_ext_fullpath(ext.name))
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -61,10 +73,12 @@ class BuildPyWithKernelSources(build_py):
             shutil.copy2(ROOT / header, target / Path(header).name)
 
 
-ext_modules, cmdclass = [], {"build_py": BuildPyWithKernelSources}
+ext_modules = [Extension("scoremerge._cpu", sources=CPU_SOURCES, language="c++", optional=True,
+                         extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden"])]
 if SOURCES and _nvcc():
     depends = HEADERS + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.h"))
-    ext_modules = [Extension("scoremerge._C", sources=SOURCES, depends=depends, language="c++")]
-    cmdclass["build_ext"] = NvccBuildExt
+    ext_modules.append(Extension("scoremerge._C", sources=SOURCES, depends=depends,
+                                 language="c++"))
+cmdclass = {"build_py": BuildPyWithKernelSources, "build_ext": BuildExt}
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

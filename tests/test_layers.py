@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "scoremerge"
 # docs/architecture.md's layers, bottom first: a module imports from its own layer or below.
 # A module is placed by its longest listed prefix.
 LAYERS = [
-    ("foundation", ["_version", "_C", "errors", "validate", "parallel", "distributed"]),
+    ("foundation", ["_version", "_C", "_cpu", "errors", "validate", "parallel", "distributed"]),
     ("backend and files", ["backend", "io"]),
     ("ops", ["ops"]),
     ("references", ["ref"]),
@@ -56,7 +56,7 @@ def _imports(path):
 
 
 MODULES = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
-EXTENSIONS = {"scoremerge._C"}          # built by setup.py, no source here
+EXTENSIONS = {"scoremerge._C", "scoremerge._cpu"}   # built by setup.py, no source here
 GRAPH = {name: _imports(path) for name, path in MODULES.items()}
 
 

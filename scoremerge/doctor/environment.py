@@ -26,6 +26,7 @@ def environment(device):
             "torch": torch.__version__, "torch_cuda": torch.version.cuda,
             "triton": triton_status(), "cupy": cupy_status(), "cuda_driver": driver_version(),
             "device": device_facts(device), "extension": extension_status(device),
+            "cpu_extension": cpu_extension_status(),
             "cusolver_batched_eigh": cusolver_status(device), "nvrtc": nvrtc_status(),
             "cuda_mix_path": cuda_mix_path(device)}
 
@@ -78,6 +79,15 @@ def device_facts(device):
     return {"name": props.name, "type": "cuda", "capability": f"sm_{props.major}{props.minor}",
             "memory_GB": round(props.total_memory / 1e9, 1),
             "multiprocessors": props.multi_processor_count}
+
+
+def cpu_extension_status():
+    """Whether scoremerge._cpu (csrc/cpu: TIES's exact-k ranking without a sort) is built and
+    agrees with this torch's argsort; without it that ranking runs in torch, slower."""
+    if importlib.util.find_spec("scoremerge._cpu") is None:
+        return {"built": False, "note": "setup.py builds it with a C++ compiler"}
+    from ..methods import sort_prefix
+    return {"built": True, "used": sort_prefix.compiled()}
 
 
 def extension_status(device):

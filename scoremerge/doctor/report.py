@@ -20,6 +20,10 @@ def environment_lines(env):
                      f"{ext.get('cuda_runtime', '?')}{runs}{_note(ext)}")
     else:
         lines.append(f"  scoremerge._C: not built{_note(ext)}")
+    cpu = env["cpu_extension"]
+    lines.append("  scoremerge._cpu: " + (
+        ("built, used" if cpu["used"] else "built, not used (disagrees with torch's argsort)")
+        if cpu["built"] else f"not built{_note(cpu)}"))
     eigh, nvrtc = env["cusolver_batched_eigh"], env["nvrtc"]
     lines.append(f"  cuSOLVER batched eigensolver: {'found' if eigh['found'] else 'not found'}"
                  f"{_note(eigh)}")

@@ -13,6 +13,7 @@ from ..parallel import parallel_map
 from ..validate import all_finite
 from .entrywise import CPU_CHUNK
 from .registry import Option, merge_method
+from .sort_prefix import argsort_prefix_mask, compiled
 
 # kth_largest: from this many entries on, bracket the answer with a sample of about _SAMPLE
 _SAMPLED_SELECTION, _SAMPLE = 1 << 20, 1 << 16
@@ -211,24 +212,28 @@ def _exact_thresholds(flat, densities):
     (thresholds [T], {t: bool mask [N]}): where the k-th largest magnitude is the only way to
     pick k entries (no tie across the cut), "magnitude >= threshold" is that very set, found by
     a selection in O(N) instead of a sort; rows with a tie across the cut take the argsort's
-    own choice (a mask: its order among equal values is the sort's own)."""
-    thresholds = torch.zeros(flat.shape[0], dtype=torch.float32, device=flat.device)
-    masks = {}
-    for t, (row, d) in enumerate(zip(flat, densities)):
-        if d >= 1:
-            continue                                      # threshold 0 keeps every entry
-        magnitude = row.abs().float()
-        keep = max(1, int(d * row.numel()))
+    own choice (a mask: its order among equal values is the sort's own, found without the sort
+    where that is safe, see sort_prefix). Where the compiled replay runs, every row takes its
+    mask, which costs less than the selection. The rows are ranked in parallel on a CPU."""
+    def rank(t):
+        if densities[t] >= 1:
+            return 0.0, None                              # threshold 0 keeps every entry
+        magnitude = flat[t].abs().float()                # a fresh tensor: scratch
+        keep = max(1, int(densities[t] * magnitude.numel()))
+        if magnitude.device.type == "cpu" and compiled():
+            return 0.0, argsort_prefix_mask(magnitude, keep, scratch=True)
         threshold = kth_largest(magnitude, keep)
-        if int((magnitude >= threshold).sum()) == keep:
-            thresholds[t] = threshold
-        else:
-            # quantized task vectors (a difference of bf16 or nearby fp32 weights) tie at the
-            # cut almost always: this sort is then most of the merge's time, as in mergekit
-            mask = torch.zeros(row.numel(), dtype=torch.bool, device=row.device)
-            mask[torch.argsort(magnitude, descending=True)[:keep]] = True
-            masks[t] = mask
-    return thresholds, masks
+        if int(torch.count_nonzero(magnitude >= threshold)) == keep:
+            return threshold, None
+        # quantized task vectors (a difference of bf16 or nearby fp32 weights) tie at the cut
+        # almost always
+        return 0.0, argsort_prefix_mask(magnitude, keep, scratch=True)
+
+    ranked = parallel_map(rank, range(flat.shape[0])) if flat.device.type == "cpu" else \
+        [rank(t) for t in range(flat.shape[0])]
+    thresholds = torch.tensor([float(threshold) for threshold, _ in ranked],
+                              dtype=torch.float32, device=flat.device)
+    return thresholds, {t: mask for t, (_, mask) in enumerate(ranked) if mask is not None}
 
 
 def kth_largest(values, k):
@@ -244,7 +249,7 @@ def kth_largest(values, k):
         margin = 4.0 / math.sqrt(s)
         lo = sample[max(0, int((below - margin) * s))]
         hi = sample[min(s - 1, int((below + margin) * s))]
-        above = int((values > hi).sum())
+        above = int(torch.count_nonzero(values > hi))
         if above < k:
             band = values[(values >= lo) & (values <= hi)]
             need = k - above                            # the need-th largest of the band
@@ -261,7 +266,7 @@ def per_task(weights, x):
 def _votes(signs):
     """Entries electing + minus entries electing -, counted exactly (a float sum of 2^24 or
     more signs is not)."""
-    return int((signs > 0).sum()) - int((signs < 0).sum())
+    return int(torch.count_nonzero(signs > 0)) - int(torch.count_nonzero(signs < 0))
 
 
 def _disjoint(chosen, agree, elected, how, weights):

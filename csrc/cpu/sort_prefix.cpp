@@ -1,0 +1,112 @@
+// scoremerge._cpu: the partition replay of scoremerge/methods/sort_prefix.py in a scalar loop.
+//
+// prefix_mask(values, n, k, mask) sets mask[i] = 1 (a bool array of n, zeroed by the caller)
+// at the positions of torch.argsort(values, descending=True)[:k] on a CPU, float32 values
+// permuted in place as scratch. It replays the partition steps libstdc++'s std::sort (under
+// torch's descending comparison x > y) takes on the part of the array that holds position k,
+// exactly as that introsort does them (__move_median_to_first, then __unguarded_partition),
+// then settles the last part of at most 16 as the final insertion sort does, stably. Returns
+// OK, HAS_NAN (the sort's NaN order is not replayed) or TOO_DEEP (where the introsort would
+// have switched to heapsort); mask is then untouched. sort_prefix.py checks this module
+// against torch's own argsort before it trusts it. Pointers come as Python ints (no torch
+// linkage); the GIL is released while it runs, so rows of a TIES merge rank on several
+// threads.
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <stdexcept>
+#include <utility>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace {
+
+constexpr int ABI_VERSION = 1;
+enum Status { OK = 0, HAS_NAN = 1, TOO_DEEP = 2 };
+constexpr int64_t INSERTION = 16;   // libstdc++'s _S_threshold
+
+inline bool before(float x, float y) { return x > y; }
+
+template <typename Tag>
+inline void swap_at(float* a, Tag* tag, int64_t i, int64_t j) {
+  std::swap(a[i], a[j]);
+  std::swap(tag[i], tag[j]);
+}
+
+template <typename Tag>
+std::pair<int64_t, int64_t> narrow(float* a, Tag* tag, int64_t n, int64_t k) {
+  int64_t first = 0, last = n;
+  int64_t depth = 0;
+  for (int64_t m = n; m > 1; m >>= 1) depth += 2;          // std::__lg(n) * 2
+  while (last - first > INSERTION && first < k && k < last) {
+    if (depth == 0) return {-1, -1};
+    --depth;
+    const int64_t i = first + 1, j = first + (last - first) / 2, m = last - 1;
+    int64_t median;
+    if (before(a[i], a[j])) {
+      median = before(a[j], a[m]) ? j : (before(a[i], a[m]) ? m : i);
+    } else if (before(a[i], a[m])) {
+      median = i;
+    } else {
+      median = before(a[j], a[m]) ? m : j;
+    }
+    swap_at(a, tag, first, median);
+    const float pivot = a[first];
+    int64_t lo = first + 1, hi = last;
+    while (true) {
+      while (before(a[lo], pivot)) ++lo;
+      --hi;
+      while (before(pivot, a[hi])) --hi;
+      if (!(lo < hi)) break;
+      swap_at(a, tag, lo, hi);
+      ++lo;
+    }
+    if (k <= lo) last = lo; else first = lo;
+  }
+  return {first, last};
+}
+
+template <typename Tag>
+Status prefix_mask(float* a, int64_t n, int64_t k, uint8_t* mask) {
+  std::vector<Tag> tag(n);
+  std::iota(tag.begin(), tag.end(), Tag(0));
+  auto [first, last] = narrow(a, tag.data(), n, k);
+  if (first < 0) return TOO_DEEP;
+  if (first < k && k < last) {
+    std::vector<std::pair<float, Tag>> part(last - first);
+    for (int64_t i = first; i < last; ++i) part[i - first] = {a[i], tag[i]};
+    std::stable_sort(part.begin(), part.end(),
+                     [](const auto& x, const auto& y) { return before(x.first, y.first); });
+    for (int64_t i = first; i < last; ++i) tag[i] = part[i - first].second;
+  }
+  for (int64_t i = 0; i < k; ++i) mask[tag[i]] = 1;
+  return OK;
+}
+
+int prefix_mask_py(uintptr_t values, int64_t n, int64_t k, uintptr_t mask) {
+  if (!values || !mask) throw std::invalid_argument("prefix_mask: null pointer");
+  if (n < 1 || k < 1 || k > n) throw std::invalid_argument("prefix_mask: need 1 <= k <= n");
+  float* a = reinterpret_cast<float*>(values);
+  uint8_t* out = reinterpret_cast<uint8_t*>(mask);
+  py::gil_scoped_release release;
+  for (int64_t i = 0; i < n; ++i)
+    if (std::isnan(a[i])) return HAS_NAN;
+  return n < (int64_t(1) << 31) ? prefix_mask<int32_t>(a, n, k, out)
+                                : prefix_mask<int64_t>(a, n, k, out);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cpu, m) {
+  m.doc() = "scoremerge's CPU helpers (csrc/cpu): the introsort partition replay";
+  m.def("version", [] { return ABI_VERSION; });
+  m.def("prefix_mask", &prefix_mask_py, py::arg("values"), py::arg("n"), py::arg("k"),
+        py::arg("mask"));
+  m.attr("OK") = int(OK);
+  m.attr("HAS_NAN") = int(HAS_NAN);
+  m.attr("TOO_DEEP") = int(TOO_DEEP);
+}
