@@ -156,9 +156,10 @@ def _weight_tensor(weights, like):
     return torch.tensor(weights, dtype=like.dtype, device=like.device)
 
 
-def _scaled_by_task(x, weights):
-    """x [T, ...] with task t's entries times weights[t]."""
-    return x * per_task(_weight_tensor(weights, x), x)
+def _scaled_by_task(x, weights, in_place=False):
+    """x [T, ...] with task t's entries times weights[t] (in x itself with in_place)."""
+    w = per_task(_weight_tensor(weights, x), x)
+    return x.mul_(w) if in_place else x * w
 
 
 def _merge_entrywise(base, experts, spec, opts, weights, alpha, exclude, device, dtype,
@@ -193,7 +194,7 @@ def _entrywise_fn(key, spec, opts, weights, is_excluded):
         if is_excluded and spec.on_models:
             return x.mean(dim=0)                 # the models' plain mean
         if weights is not None and not (spec.weighted and not is_excluded):
-            x = _scaled_by_task(x, weights)
+            x = _scaled_by_task(x, weights, in_place=True)      # x is the job's scratch
         if is_excluded:
             return x.mean(dim=0)
         if weights is not None and spec.weighted:

@@ -117,6 +117,37 @@ def test_a_tiny_memory_budget_splits_keys_and_changes_nothing(checkpoints, tmp_p
     assert all(b.nbytes <= 1024 or len(b.keys) == 1 and not b.span for b in planned)
 
 
+@pytest.mark.parametrize("copy", [False, True], ids=["same folder", "a copy"])
+def test_a_checkpoint_named_twice_is_read_once(checkpoints, tmp_path, monkeypatch, copy):
+    """mergekit's linear without a base_model names its first model as the base too: those
+    files are read once and serve both (a copy of them, other files, is read on its own).
+    The result is the in-memory merge's either way."""
+    import shutil
+
+    from scoremerge.io.checkpoint import Checkpoint
+    _, experts = checkpoints
+    base = experts[0]
+    if copy:
+        base = Path(shutil.copytree(experts[0], tmp_path / "copy"))
+    reads = []
+    real_read = Checkpoint.read
+    monkeypatch.setattr(Checkpoint, "read", lambda self, key, *a, **k: reads.append(
+        self.path) or real_read(self, key, *a, **k))
+    stats = merge_checkpoints(base, experts, tmp_path / "out", "linear", weights=[1, 0.7, 0.5],
+                              max_shard_size="10KB", progress=False)
+    read_counts = {p: reads.count(p) for p in reads}
+    keys = len(load_state_dict(experts[0]))
+    assert read_counts == dict.fromkeys(map(Path, {base, *experts}), keys)
+    files = [base, *experts] if copy else experts
+    assert stats["bytes_read"] == sum(p.stat().st_size for f in files
+                                      for p in Path(f).glob("*.safetensors")) - \
+        sum(8 + int.from_bytes(p.read_bytes()[:8], "little") for f in files
+            for p in Path(f).glob("*.safetensors"))          # the tensors' bytes, no headers
+    got = load_state_dict(tmp_path / "out")
+    want = in_memory(base, experts, "linear", weights=[1, 0.7, 0.5])
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_an_interrupted_merge_resumes_to_the_same_bytes(checkpoints, tmp_path, monkeypatch):
     base, experts = checkpoints
     whole = tmp_path / "whole"

@@ -101,38 +101,56 @@ class _Job:
         self.allow_nonfinite, self.on_models = allow_nonfinite, on_models
 
     def run(self, start, stop, chunk):
-        b_buf = torch.empty(chunk, dtype=self.tau_dtype, device=self.device)
+        # The base is read in place, and the merged chunk written straight into the output,
+        # wherever no cast is needed: each copy saved is a pass over the chunk.
+        direct_base = self.base.dtype == self.tau_dtype and self.base.device == self.device
+        direct_out = self.out.dtype == self.tau_dtype and self.out.device == self.device
+        b_buf = None if direct_base or self.on_models else \
+            torch.empty(chunk, dtype=self.tau_dtype, device=self.device)
         taus = torch.empty(len(self.experts), chunk, dtype=self.tau_dtype, device=self.device)
         for lo in range(start, stop, chunk):
             hi = min(stop, lo + chunk)
-            b = b_buf[:hi - lo]
-            if not self.on_models:
-                b.copy_(self.base[lo:hi])
-            for t, e in enumerate(self.experts):
-                if self.on_models:
+            if self.on_models:
+                for t, e in enumerate(self.experts):
                     taus[t, :hi - lo].copy_(e[lo:hi])
-                else:
+            else:
+                b = self.base[lo:hi] if direct_base else b_buf[:hi - lo].copy_(self.base[lo:hi])
+                for t, e in enumerate(self.experts):
                     torch.sub(e[lo:hi].to(self.device), b, out=taus[t, :hi - lo])
             x = taus[:, :hi - lo]
             if self.compute_dtype != self.tau_dtype:
                 x = x.to(self.compute_dtype)
-            merged = self.merge_fn(x).to(self.tau_dtype)
-            result = (merged if self.on_models else plus(b, merged, self.alpha)).to(self.out.dtype)
-            if not all_finite(result):
-                _check_inputs(self.key, lo, hi, self.base, self.experts, self.names)
+            merged = self.merge_fn(x).to(self.tau_dtype)      # x is scratch: fn may write it
+            in_place = direct_out and not self.on_models
+            if self.on_models:
+                result = merged.to(self.out.dtype)
+            elif in_place:
+                result = plus(b, merged, self.alpha, out=self.out[lo:hi])
+            else:
+                result = plus(b, merged, self.alpha).to(self.out.dtype)
+            if not all_finite(result):         # after the cast: it may overflow the dtype
+                _check_inputs(self.key, lo, hi, self.base, self.experts, self.names,
+                              self.on_models)
                 if not self.allow_nonfinite:
                     raise overflow_error(self.key, result, "merged model")
-            self.out[lo:hi].copy_(result)
+            if not in_place:
+                self.out[lo:hi].copy_(result)
 
 
-def plus(base, tau, alpha):
+def plus(base, tau, alpha, out=None):
     """base + alpha * tau, rounded twice (the product, then the sum) as mergekit and FusionBench
-    compute it, so that their results are met to the bit; alpha = 1 multiplies nothing."""
-    return base + (tau if alpha == 1 else tau * alpha)
+    compute it, so that their results are met to the bit; alpha = 1 multiplies nothing. With
+    out, tau is scaled in place and the sum written to out."""
+    if out is None:
+        return base + (tau if alpha == 1 else tau * alpha)
+    return torch.add(base, tau if alpha == 1 else tau.mul_(alpha), out=out)
 
 
-def _check_inputs(key, start, stop, base, experts, names):
-    for x, name in zip((base, *experts), names):
+def _check_inputs(key, start, stop, base, experts, names, on_models=False):
+    """Name the input whose entries [start, stop) hold a NaN or Inf (the base only where it
+    is merged: a method on the models themselves merges the experts alone)."""
+    models = zip(experts, names[1:]) if on_models else zip((base, *experts), names)
+    for x, name in models:
         part = x.reshape(-1)[start:stop]
         if not all_finite(part):
             bad = "NaN" if torch.isnan(part).any() else "Inf"

@@ -92,6 +92,9 @@ class InputBuffers:
 
     def __init__(self, batches, models):
         self.models = models
+        # a checkpoint named twice is read once: alias[m], the first model with m's files
+        self.alias = [next(i for i in range(m + 1) if i == m or models[i].same_files(model))
+                      for m, model in enumerate(models)]
         size = max((self._layout(b)[1] for b in batches), default=0)
         self.arenas = [torch.empty(size, dtype=torch.uint8) for _ in range(min(2, len(batches)))]
 
@@ -99,6 +102,8 @@ class InputBuffers:
         """([(model index, key, dtype, shape, offset)], bytes) of the batch in an arena."""
         places, offset = [], 0
         for m, model in enumerate(self.models):
+            if self.alias[m] != m:
+                continue
             for key in batch.keys:
                 info = model.infos[key]
                 shape = info.shape if batch.span is None else (batch.span[1] - batch.span[0],)
@@ -114,7 +119,7 @@ class InputBuffers:
         for m, key, dtype, shape, offset in self._layout(batch)[0]:
             nbytes = torch.Size(shape).numel() * dtype.itemsize
             out[m][key] = arena[offset:offset + nbytes].view(dtype).view(shape)
-        return out
+        return [out[first] for first in self.alias]
 
     def unshared(self, merged):
         """The merged tensors, each copied if it shares memory with an arena (no method returns
@@ -130,19 +135,26 @@ def _read(batch, i, buffers, models, stats, device):
     side stream, so the copy runs while the previous batch computes."""
     t0 = time.perf_counter()
     span = batch.span or (None, None)
-    out = buffers.tensors(batch, i)
-    for model, tensors in zip(models, out):
+    out, nbytes = buffers.tensors(batch, i), 0
+    for m, (model, tensors) in enumerate(zip(models, out)):
+        if buffers.alias[m] != m:
+            continue                                    # the same tensors as model alias[m]
         for key, tensor in tensors.items():
             model.read(key, *span, out=tensor)
+            nbytes += tensor.numel() * tensor.element_size()
     event = None
     if device.type == "cuda":
         with torch.cuda.stream(_copy_stream(device)):
-            out = [{k: v.pin_memory().to(device, non_blocking=True) for k, v in d.items()}
-                   for d in out]
+            moved = {}
+            for m, d in enumerate(out):
+                if buffers.alias[m] == m:
+                    moved[m] = {k: v.pin_memory().to(device, non_blocking=True)
+                                for k, v in d.items()}
+            out = [moved[first] for first in buffers.alias]
             event = torch.cuda.Event()
             event.record()
     stats["read_s"] += time.perf_counter() - t0
-    stats["bytes_read"] += batch.nbytes
+    stats["bytes_read"] += nbytes
     return out, event
 
 
