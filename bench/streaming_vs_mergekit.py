@@ -2,11 +2,13 @@
 `scoremerge merge --config` (which reads mergekit's schema with mergekit's conventions), on
 generated Llama-shaped checkpoints (bench/llama_checkpoints.py): linear, task arithmetic and TIES
 with per-model weights (and densities), each under /usr/bin/time -v: wall time, input GB/s, peak
-resident memory, and how far apart the results are (0.0: the same tensors). The page cache is
-warmed by a read of every input first (both tools then read from memory).
+resident memory, and how far apart the results are (0.0: the same tensors). Before each run
+the page cache is synced (no dirty output of the other run left to write back) and warmed by a
+read of every input (both tools then read from memory).
 Writes bench/results/streaming_vs_mergekit.json.
 
     python bench/streaming_vs_mergekit.py [--layers 4 --hidden 2048 --vocab 32000] [--work DIR]
+                                          [--repeat 3]
 """
 import argparse
 import json
@@ -61,7 +63,9 @@ def timed(cmd):
 
 
 def warm(folders):
-    """Read every input file once so both tools find it in the page cache."""
+    """Read every input file once so both tools find it in the page cache, and write back
+    what is dirty (the other tool's output) so neither run pays for the other's writes."""
+    os.sync()
     for f in folders:
         for p in sorted(f.glob("*.safetensors")):
             with open(p, "rb") as fh:
@@ -77,20 +81,26 @@ def difference(a, b):
                .item() for k in y)
 
 
-def run_case(method, folders, work):
+def run_case(method, folders, work, repeat):
+    """Both tools on the same config, `repeat` times each, alternating; the median run of each
+    (wall time and its peak RSS) is reported, with every time measured."""
     read = folders[1:] if method == "linear" else folders
     input_bytes = sum(p.stat().st_size for f in read for p in f.glob("*.safetensors"))
     out_mk, out_sm = work / f"mergekit-{method}", work / f"scoremerge-{method}"
     config = mergekit_config(method, folders, work / f"{method}.yml")
-    warm(folders)
-    shutil.rmtree(out_mk, ignore_errors=True)          # mergekit-yaml has no --overwrite
-    mk_s, mk_rss = timed([str(Path(sys.executable).parent / "mergekit-yaml"), str(config),
-                          str(out_mk), "--allow-crimes"])
-    warm(folders)
-    sm_s, sm_rss = timed([sys.executable, "-m", "scoremerge", "merge", "--config", str(config),
-                          "--out", str(out_sm), "--overwrite", "--no-progress"])
+    runs = {"mergekit": [], "scoremerge": []}
+    for _ in range(repeat):
+        warm(folders)
+        shutil.rmtree(out_mk, ignore_errors=True)          # mergekit-yaml has no --overwrite
+        runs["mergekit"].append(timed([str(Path(sys.executable).parent / "mergekit-yaml"),
+                                       str(config), str(out_mk), "--allow-crimes"]))
+        warm(folders)
+        runs["scoremerge"].append(timed([sys.executable, "-m", "scoremerge", "merge", "--config",
+                                         str(config), "--out", str(out_sm), "--overwrite",
+                                         "--no-progress"]))
+    (mk_s, mk_rss), (sm_s, sm_rss) = (sorted(runs[t])[(repeat - 1) // 2] for t in runs)
     return {"method": method, "config": yaml.safe_load(config.read_text()),
-            "inputs_GB": input_bytes / 1e9,
+            "inputs_GB": input_bytes / 1e9, "runs_s": {t: [s for s, _ in r] for t, r in runs.items()},
             "mergekit_s": mk_s, "scoremerge_s": sm_s, "speedup": mk_s / sm_s,
             "mergekit_GBps": input_bytes / 1e9 / mk_s, "scoremerge_GBps": input_bytes / 1e9 / sm_s,
             "mergekit_peak_rss_GB": mk_rss / 1e9, "scoremerge_peak_rss_GB": sm_rss / 1e9,
@@ -105,12 +115,13 @@ def main():
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--methods", nargs="+", default=list(CASES))
     p.add_argument("--work", default="/tmp/scoremerge-vs-mergekit")
+    p.add_argument("--repeat", type=int, default=3, help="runs of each tool; the median counts")
     a = p.parse_args()
     work = Path(a.work)
     folders = write_llama_family(work / "models", layers=a.layers, hidden=a.hidden,
                                  intermediate=a.intermediate, vocab=a.vocab, experts=3)
     load_before = os.getloadavg()[0]
-    rows = [run_case(m, folders, work) for m in a.methods]
+    rows = [run_case(m, folders, work, a.repeat) for m in a.methods]
     for r in rows:
         print(json.dumps(r))
     RESULTS.mkdir(exist_ok=True)
