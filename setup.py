@@ -20,6 +20,7 @@ ROOT = Path(__file__).parent
 SOURCES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))
 HEADERS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cuh"))
 CPU_SOURCES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
+CPU_HEADERS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.h"))
 
 
 def _nvcc():
@@ -73,8 +74,12 @@ class BuildPyWithKernelSources(build_py):
             shutil.copy2(ROOT / header, target / Path(header).name)
 
 
-ext_modules = [Extension("scoremerge._cpu", sources=CPU_SOURCES, language="c++", optional=True,
-                         extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden"])]
+# -ffp-contract=off: no multiply and add fused into one FMA rounding (entrywise.cpp reproduces
+# torch's separately rounded operations to the bit)
+ext_modules = [Extension("scoremerge._cpu", sources=CPU_SOURCES, depends=CPU_HEADERS,
+                         language="c++", optional=True,
+                         extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden",
+                                             "-ffp-contract=off"])]
 if SOURCES and _nvcc():
     depends = HEADERS + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.h"))
     ext_modules.append(Extension("scoremerge._C", sources=SOURCES, depends=depends,

@@ -90,14 +90,14 @@ def run_case(method, folders, work, repeat):
     config = mergekit_config(method, folders, work / f"{method}.yml")
     runs = {"mergekit": [], "scoremerge": []}
     for _ in range(repeat):
-        warm(folders)
         shutil.rmtree(out_mk, ignore_errors=True)          # mergekit-yaml has no --overwrite
+        warm(folders)
         runs["mergekit"].append(timed([str(Path(sys.executable).parent / "mergekit-yaml"),
                                        str(config), str(out_mk), "--allow-crimes"]))
+        shutil.rmtree(out_sm, ignore_errors=True)          # outside the timing, as mergekit's
         warm(folders)
         runs["scoremerge"].append(timed([sys.executable, "-m", "scoremerge", "merge", "--config",
-                                         str(config), "--out", str(out_sm), "--overwrite",
-                                         "--no-progress"]))
+                                         str(config), "--out", str(out_sm), "--no-progress"]))
     (mk_s, mk_rss), (sm_s, sm_rss) = (sorted(runs[t])[(repeat - 1) // 2] for t in runs)
     return {"method": method, "config": yaml.safe_load(config.read_text()),
             "inputs_GB": input_bytes / 1e9, "runs_s": {t: [s for s, _ in r] for t, r in runs.items()},

@@ -1,4 +1,5 @@
 """The public API: task_vectors, merge_task_vectors, merge, methods."""
+import functools
 import math
 
 import torch
@@ -9,7 +10,7 @@ from .backend import requested
 from .errors import MergeInputError, shown
 from .methods import all_methods, get
 from .methods.elementwise import per_task
-from .methods.entrywise import key_job, plus, run_jobs
+from .methods.entrywise import Fused, key_job, plus, run_jobs
 from .methods.routing import excluded, shape_groups
 from .parallel import parallel_map
 from .validate import (all_finite, check_device, check_models, exclude_patterns, finite_number,
@@ -172,19 +173,76 @@ def _merge_entrywise(base, experts, spec, opts, weights, alpha, exclude, device,
     home = floating[0].device if floating else torch.device("cpu")
     device = check_device(device) if device is not None else home
     out, jobs = {}, []
+    fused = _fused(spec, opts, weights, alpha, len(experts)) if cdtype == torch.float32 else None
     for key, b in base.items():
         if not b.is_floating_point():
             out[key] = b.clone()
             continue
+        is_excluded = excluded(key, exclude)
         out[key], job = key_job(key, b, [e[key] for e in experts],
-                                _entrywise_fn(key, spec, opts, weights, excluded(key, exclude)),
+                                _entrywise_fn(key, spec, opts, weights, is_excluded),
                                 alpha=alpha, on_models=spec.on_models, compute_dtype=cdtype,
-                                device=device, names=names, allow_nonfinite=allow_nonfinite)
+                                device=device, names=names, allow_nonfinite=allow_nonfinite,
+                                fused=None if is_excluded else fused)
         jobs.append(job)
     with tqdm(total=sum(b.numel() for b in floating), desc=f"merge ({spec.name})", unit="entry",
               unit_scale=True, disable=not progress) as bar:
         run_jobs(jobs, device, on_span=bar.update if progress else None)
     return out
+
+
+# torch's sum over the task dim accumulates task by task from +0 (the kernel's order) for up to
+# four tasks; past that it often rounds differently (measured on torch 2.13), so task arithmetic
+# with more experts keeps the torch path. linear accumulates in scoremerge's own loop: any T.
+_FUSED_SUM_MAX_TASKS = 4
+
+
+def _fused(spec, opts, weights, alpha, n_experts):
+    """The compiled one-pass form (methods.entrywise.Fused) of this merge, or None: task
+    arithmetic (up to four experts) and linear, where a probe finds the kernel's bits equal to
+    the torch path's."""
+    if spec.name == "task_arithmetic" and n_experts <= _FUSED_SUM_MAX_TASKS:
+        plan = Fused("task_arithmetic", weights)
+    elif spec.name == "linear":
+        w = torch.tensor(weights or (1.0,) * n_experts, dtype=torch.float32)
+        plan = Fused("linear", tuple(w.tolist()), float(w.sum()) if opts["normalize"] else 1.0)
+    else:
+        return None
+    return plan if _fused_agrees(spec.name, plan, alpha, n_experts, opts.get("normalize")) \
+        else None
+
+
+@functools.cache
+def _fused_agrees(method, plan, alpha, n_experts, normalize):
+    """Whether the compiled kernel reproduces the torch path (the same key_job without it) to
+    the bit on a probe: odd length, signed zeros, tasks that cancel, magnitudes over 1e-30..1e30.
+    What it guards: the kernel's order of accumulation against torch's, which torch does not
+    promise (its sum over the task dim accumulates task by task from +0 only for small T)."""
+    g = torch.Generator().manual_seed(0)
+    n = 4099
+    scale = torch.logspace(-30, 30, n).float()
+    base = torch.randn(n, generator=g) * scale
+    base[:64] = torch.tensor([0.0, -0.0] * 32)
+    # per entry and task, sizes over six orders of magnitude: any other order of the sum
+    # rounds differently somewhere
+    experts = [base + torch.randn(n, generator=g) * scale * 10 ** (6 * torch.rand(n, generator=g) - 3)
+               for t in range(n_experts)]
+    experts[0][64:128] = base[64:128]                     # a task vector of exact zeros
+    if n_experts > 1:
+        experts[1][128:192] = -experts[0][128:192]        # tasks that cancel
+    spec, opts = get(method), {} if normalize is None else {"normalize": normalize}
+    outs = []
+    for fused in (None, plan):
+        out, job = key_job("probe", base, experts, _entrywise_fn("probe", spec, opts,
+                                                                 plan.weights, False),
+                           alpha=alpha, on_models=spec.on_models, compute_dtype=torch.float32,
+                           device=base.device, names=["base"] + ["expert"] * n_experts,
+                           allow_nonfinite=True, fused=fused)
+        if fused is not None and job.fused is None:
+            return False                                  # the module is not there
+        run_jobs([job], base.device)
+        outs.append(out.view(torch.int32))
+    return torch.equal(*outs)
 
 
 def _entrywise_fn(key, spec, opts, weights, is_excluded):

@@ -1,4 +1,5 @@
-// scoremerge._cpu: the partition replay of scoremerge/methods/sort_prefix.py in a scalar loop.
+// The partition replay of scoremerge/methods/sort_prefix.py in a scalar loop (module.cpp
+// binds it into scoremerge._cpu).
 //
 // prefix_mask(values, n, k, mask) sets mask[i] = 1 (a bool array of n, zeroed by the caller)
 // at the positions of torch.argsort(values, descending=True)[:k] on a CPU, float32 values
@@ -11,6 +12,8 @@
 // against torch's own argsort before it trusts it. Pointers come as Python ints (no torch
 // linkage); the GIL is released while it runs, so rows of a TIES merge rank on several
 // threads.
+#include "cpu.h"
+
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
@@ -22,11 +25,10 @@
 #include <vector>
 
 namespace py = pybind11;
+using namespace scoremerge_cpu;
 
 namespace {
 
-constexpr int ABI_VERSION = 1;
-enum Status { OK = 0, HAS_NAN = 1, TOO_DEEP = 2 };
 constexpr int64_t INSERTION = 16;   // libstdc++'s _S_threshold
 
 inline bool before(float x, float y) { return x > y; }
@@ -87,6 +89,10 @@ Status prefix_mask(float* a, int64_t n, int64_t k, uint8_t* mask) {
   return OK;
 }
 
+}  // namespace
+
+namespace scoremerge_cpu {
+
 int prefix_mask_py(uintptr_t values, int64_t n, int64_t k, uintptr_t mask) {
   if (!values || !mask) throw std::invalid_argument("prefix_mask: null pointer");
   if (n < 1 || k < 1 || k > n) throw std::invalid_argument("prefix_mask: need 1 <= k <= n");
@@ -99,14 +105,5 @@ int prefix_mask_py(uintptr_t values, int64_t n, int64_t k, uintptr_t mask) {
                                 : prefix_mask<int64_t>(a, n, k, out);
 }
 
-}  // namespace
+}  // namespace scoremerge_cpu
 
-PYBIND11_MODULE(_cpu, m) {
-  m.doc() = "scoremerge's CPU helpers (csrc/cpu): the introsort partition replay";
-  m.def("version", [] { return ABI_VERSION; });
-  m.def("prefix_mask", &prefix_mask_py, py::arg("values"), py::arg("n"), py::arg("k"),
-        py::arg("mask"));
-  m.attr("OK") = int(OK);
-  m.attr("HAS_NAN") = int(HAS_NAN);
-  m.attr("TOO_DEEP") = int(TOO_DEEP);
-}

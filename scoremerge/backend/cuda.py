@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .extension import load
+
 ABI_VERSION = 2                     # csrc/bindings.cu's ABI_VERSION: a stale _C is not used
 _PACKAGE = Path(__file__).resolve().parents[1]
 # An installed wheel carries the headers in the package (setup.py's build_py); a source or
@@ -40,17 +42,7 @@ def header_constant(name):
 @functools.cache
 def extension():
     """(scoremerge._C, None) when it was built and imports, else (None, why not)."""
-    try:
-        from .. import _C
-    except ModuleNotFoundError:
-        return None, ("the extension scoremerge._C was not built (setup.py builds it when nvcc "
-                      "is on PATH at install)")
-    except ImportError as e:
-        return None, f"the extension scoremerge._C does not import: {e}"
-    if _C.version() != ABI_VERSION:
-        return None, (f"the extension scoremerge._C is a stale build (ABI {_C.version()}, this "
-                      f"scoremerge expects {ABI_VERSION}): reinstall")
-    return _C, None
+    return load("_C", ABI_VERSION, "when nvcc is on PATH at install")
 
 
 @functools.cache

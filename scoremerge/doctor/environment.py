@@ -82,12 +82,18 @@ def device_facts(device):
 
 
 def cpu_extension_status():
-    """Whether scoremerge._cpu (csrc/cpu: TIES's exact-k ranking without a sort) is built and
-    agrees with this torch's argsort; without it that ranking runs in torch, slower."""
-    if importlib.util.find_spec("scoremerge._cpu") is None:
-        return {"built": False, "note": "setup.py builds it with a C++ compiler"}
-    from ..methods import sort_prefix
-    return {"built": True, "used": sort_prefix.compiled()}
+    """Whether scoremerge._cpu (csrc/cpu) is built, and which of its helpers agree with their
+    torch references here and so are used: TIES's exact-k ranking without a sort, and the
+    one-pass task arithmetic and linear. Without them the same results come from torch."""
+    from .. import api
+    from ..backend.cpu import extension
+    from ..methods import get, sort_prefix
+    module, why_not = extension()
+    if module is None:
+        return {"built": False, "note": why_not}
+    return {"built": True, "ties_ranking": sort_prefix.compiled(),
+            "fused_entrywise": api._fused(get("task_arithmetic"), {}, None, 0.5, 3) is not None
+            and api._fused(get("linear"), {"normalize": True}, None, 1.0, 3) is not None}
 
 
 def extension_status(device):

@@ -21,9 +21,14 @@ def environment_lines(env):
     else:
         lines.append(f"  scoremerge._C: not built{_note(ext)}")
     cpu = env["cpu_extension"]
-    lines.append("  scoremerge._cpu: " + (
-        ("built, used" if cpu["used"] else "built, not used (disagrees with torch's argsort)")
-        if cpu["built"] else f"not built{_note(cpu)}"))
+    if cpu["built"]:
+        used = [name for name, key in (("TIES ranking", "ties_ranking"),
+                                       ("fused task arithmetic and linear", "fused_entrywise"))
+                if cpu[key]]
+        lines.append("  scoremerge._cpu: built; used for " + (", ".join(used) or
+                     "nothing (its results differ from torch's here)"))
+    else:
+        lines.append(f"  scoremerge._cpu: not built{_note(cpu)}")
     eigh, nvrtc = env["cusolver_batched_eigh"], env["nvrtc"]
     lines.append(f"  cuSOLVER batched eigensolver: {'found' if eigh['found'] else 'not found'}"
                  f"{_note(eigh)}")

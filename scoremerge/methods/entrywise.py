@@ -13,9 +13,11 @@ The arithmetic is api.merge's, step for step and in the same dtypes, so the resu
 to the bit as merging the whole key at once.
 """
 import bisect
+from typing import NamedTuple
 
 import torch
 
+from ..backend.cpu import extension as cpu_extension
 from ..errors import MergeInputError, shown
 from ..parallel import parallel_map
 from ..validate import all_finite, overflow_error
@@ -28,8 +30,19 @@ from ..validate import all_finite, overflow_error
 CPU_CHUNK = 1 << 18
 
 
+class Fused(NamedTuple):
+    """A job's merge as one pass of scoremerge._cpu (csrc/cpu/entrywise.cpp) on float32 CPU
+    tensors, where the caller has checked that the kernel reproduces the torch path's bits.
+    kind: "task_arithmetic" (base + alpha * sum_t w_t (e_t - b)) or "linear" (sum_t w_t e_t /
+    divisor); weights: a tuple, or None for task arithmetic's plain sum; divisor: linear's
+    (1.0: none)."""
+    kind: str
+    weights: tuple = None
+    divisor: float = 1.0
+
+
 def merge_key(key, base, experts, merge_fn, *, alpha, compute_dtype, device, names,
-              allow_nonfinite=False, on_models=False):
+              allow_nonfinite=False, on_models=False, fused=None):
     """base + alpha * merge_fn(stacked task vectors [T, L]) for one key, in base's dtype and
     on base's device. merge_fn maps [T, L] to [L] entry-wise. names: base's and each expert's,
     for messages. allow_nonfinite: an entry the update overflows is written as Inf (a NaN or
@@ -37,22 +50,25 @@ def merge_key(key, base, experts, merge_fn, *, alpha, compute_dtype, device, nam
     themselves and its result is the merged value (alpha must be 1)."""
     out, job = key_job(key, base, experts, merge_fn, alpha=alpha, compute_dtype=compute_dtype,
                        device=device, names=names, allow_nonfinite=allow_nonfinite,
-                       on_models=on_models)
+                       on_models=on_models, fused=fused)
     run_jobs([job], device)
     return out
 
 
 def key_job(key, base, experts, merge_fn, *, alpha, compute_dtype, device, names,
-            allow_nonfinite=False, on_models=False):
+            allow_nonfinite=False, on_models=False, fused=None):
     """(an empty output like base, the _Job that fills it): merge_key's arguments, for
-    run_jobs to run with other keys' jobs."""
+    run_jobs to run with other keys' jobs. fused: the same merge as a Fused kernel call, taken
+    where the tensors allow it (float32, contiguous, on the CPU), else merge_fn's torch path."""
     tau_dtype = torch.promote_types(torch.float32, base.dtype)
     for e in experts:
         tau_dtype = torch.promote_types(tau_dtype, e.dtype)
     out = torch.empty_like(base)
-    return out, _Job(key, base.reshape(-1), [e.reshape(-1) for e in experts], out.view(-1),
-                     merge_fn, alpha, compute_dtype, tau_dtype, device, names, allow_nonfinite,
-                     on_models)
+    job = _Job(key, base.reshape(-1), [e.reshape(-1) for e in experts], out.view(-1), merge_fn,
+               alpha, compute_dtype, tau_dtype, device, names, allow_nonfinite, on_models)
+    if fused is not None and _fusable(job):
+        job.fused = fused
+    return out, job
 
 
 def run_jobs(jobs, device, on_span=None):
@@ -99,8 +115,11 @@ class _Job:
         self.merge_fn, self.alpha, self.names = merge_fn, alpha, names
         self.compute_dtype, self.tau_dtype, self.device = compute_dtype, tau_dtype, device
         self.allow_nonfinite, self.on_models = allow_nonfinite, on_models
+        self.fused = None
 
     def run(self, start, stop, chunk):
+        if self.fused is not None:
+            return self._run_fused(start, stop)
         # The base is read in place, and the merged chunk written straight into the output,
         # wherever no cast is needed: each copy saved is a pass over the chunk.
         direct_base = self.base.dtype == self.tau_dtype and self.base.device == self.device
@@ -135,6 +154,33 @@ class _Job:
                     raise overflow_error(self.key, result, "merged model")
             if not in_place:
                 self.out[lo:hi].copy_(result)
+
+
+    def _run_fused(self, start, stop):
+        """[start, stop) in one call of the compiled kernel (no chunks: it streams itself)."""
+        _cpu = cpu_extension()[0]
+        experts = [e[start:].data_ptr() for e in self.experts]
+        out = self.out[start:].data_ptr()
+        kind, weights, divisor = self.fused
+        if kind == "task_arithmetic":
+            bad = _cpu.task_arithmetic(self.base[start:].data_ptr(), experts, list(weights or ()),
+                                       self.alpha, out, stop - start)
+        else:
+            bad = _cpu.linear(experts, list(weights), divisor, out, stop - start)
+        if bad:
+            _check_inputs(self.key, start, stop, self.base, self.experts, self.names,
+                          self.on_models)
+            if not self.allow_nonfinite:
+                raise overflow_error(self.key, self.out[start:stop], "merged model")
+
+
+def _fusable(job):
+    """Whether the compiled kernels can take this job: every tensor float32, contiguous and on
+    the CPU, computed in float32, the module built."""
+    tensors = [job.base, *job.experts, job.out]
+    return job.device.type == "cpu" and job.compute_dtype == torch.float32 and \
+        all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu"
+            for t in tensors) and cpu_extension()[0] is not None
 
 
 def plus(base, tau, alpha, out=None):

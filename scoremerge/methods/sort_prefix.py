@@ -27,9 +27,10 @@ import functools
 
 import torch
 
+from ..backend.cpu import extension as cpu_extension
+
 # libstdc++'s _S_threshold: parts of at most this many entries are left to the final insertion
 _INSERTION = 16
-_CPU_ABI = 1                        # csrc/cpu/sort_prefix.cpp's ABI_VERSION
 
 
 def argsort_prefix_mask(values, k, *, scratch=False):
@@ -54,11 +55,7 @@ def argsort_prefix_mask(values, k, *, scratch=False):
 def compiled():
     """Whether the compiled replay (csrc/cpu/sort_prefix.cpp, scoremerge._cpu) was built and
     picks what this torch's argsort picks: argsort_prefix_mask is then a few scalar passes."""
-    try:
-        from .. import _cpu
-    except ImportError:
-        return False
-    return _cpu.version() == _CPU_ABI and _agrees(_compiled_prefix)
+    return cpu_extension()[0] is not None and _agrees(_compiled_prefix)
 
 
 @functools.cache
@@ -69,7 +66,7 @@ def _torch_agrees():
 def _compiled_mask(values, k, mask):
     """Fills the zeroed mask by the compiled replay, permuting values; False where it cannot
     (a NaN, or past the introsort's depth limit)."""
-    from .. import _cpu
+    _cpu = cpu_extension()[0]
     return _cpu.prefix_mask(values.data_ptr(), values.numel(), k, mask.data_ptr()) == _cpu.OK
 
 
