@@ -117,6 +117,27 @@ def test_a_tiny_memory_budget_splits_keys_and_changes_nothing(checkpoints, tmp_p
     assert all(b.nbytes <= 1024 or len(b.keys) == 1 and not b.span for b in planned)
 
 
+@pytest.mark.parametrize("method", ["task_arithmetic", "score"])
+def test_shards_written_past_the_page_cache_hold_the_same_bytes(checkpoints, tmp_path,
+                                                                 monkeypatch, method):
+    """Every shard through io.direct_writes' O_DIRECT path (here at any size): the merge is
+    the in-memory one, and the safetensors library reads the files."""
+    from scoremerge.io import direct_writes
+    monkeypatch.setattr(direct_writes, "_MIN_SIZE", 0)
+    went = []
+    real_finish = direct_writes.DirectWrites.finish
+    monkeypatch.setattr(direct_writes.DirectWrites, "finish",
+                        lambda self: went.append(self.direct) or real_finish(self))
+    base, experts = checkpoints
+    merge_checkpoints(base, experts, tmp_path / "out", method, max_shard_size="10KB",
+                      progress=False)
+    got, want = load_state_dict(tmp_path / "out"), in_memory(base, experts, method)
+    assert all(torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype for k in want)
+    assert went and all(went)
+    for shard in (tmp_path / "out").glob("*.safetensors"):
+        assert load_file(shard)
+
+
 @pytest.mark.parametrize("copy", [False, True], ids=["same folder", "a copy"])
 def test_a_checkpoint_named_twice_is_read_once(checkpoints, tmp_path, monkeypatch, copy):
     """mergekit's linear without a base_model names its first model as the base too: those

@@ -1,6 +1,8 @@
 """A safetensors file written piece by piece: the header first (every key's dtype, shape and offsets
 are known from the plan), then each tensor's bytes at its offset as soon as it exists, so a
-shard is never held in memory whole. Readable by the safetensors library like any other file."""
+shard is never held in memory whole. Readable by the safetensors library like any other file.
+The bytes go to disk past the page cache where the file system allows (direct_writes.py), else
+through it with each piece's writeback started at once."""
 import ctypes
 import json
 import os
@@ -10,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .atomic import give_plain_file_mode
+from .direct_writes import DirectWrites
 from .safetensors_format import DTYPE_NAMES
 
 
@@ -40,7 +43,8 @@ class ShardWriter:
                           | os.O_CLOEXEC, 0o644)
         try:
             os.ftruncate(self.fd, self.size)
-            _write_all(self.fd, len(blob).to_bytes(8, "little") + blob, 0)
+            self.writes = DirectWrites(self.fd, self.size)
+            self.writes.write(len(blob).to_bytes(8, "little") + blob, 0)
         except BaseException:
             self.abort()
             raise
@@ -56,8 +60,9 @@ class ShardWriter:
                              f"{tuple(tensor.shape)} at entry {start or 0}")
         raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
         at = self.data_start + offset + (start or 0) * dtype.itemsize
-        _write_all(self.fd, memoryview(raw), at)
-        _start_writeback(self.fd, at, raw.nbytes)
+        self.writes.write(memoryview(raw), at)
+        if not self.writes.direct:
+            _start_writeback(self.fd, at, raw.nbytes)
         self.left[key] -= raw.nbytes
 
     def finish(self):
@@ -65,6 +70,7 @@ class ShardWriter:
         if missing:
             raise RuntimeError(f"{self.path.name}: {len(missing)} key(s) not wholly written, "
                                f"e.g. {sorted(missing)[:3]}")
+        self.writes.finish()
         os.fsync(self.fd)
         os.close(self.fd)
         self.fd = None
@@ -103,8 +109,3 @@ def _libc_sync_file_range():
 _sync_file_range = _libc_sync_file_range() if sys.platform.startswith("linux") else None
 
 
-def _write_all(fd, data, offset):
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
