@@ -52,14 +52,16 @@ def mergekit_config(method, folders, path):
 
 
 def timed(cmd):
-    """(seconds, peak RSS in bytes) of a command run under /usr/bin/time -v."""
+    """(seconds, peak RSS in bytes, the merge's own seconds where the command reports them) of
+    a command run under /usr/bin/time -v."""
     start = time.perf_counter()
     run = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if run.returncode:
         sys.exit(f"{' '.join(cmd)} failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
     peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr).group(1))
-    return seconds, peak * 1024
+    merge = re.search(r"merged .* in ([\d.]+) s, streaming", run.stdout + run.stderr)
+    return seconds, peak * 1024, float(merge.group(1)) if merge else None
 
 
 def warm(folders):
@@ -98,9 +100,13 @@ def run_case(method, folders, work, repeat):
         warm(folders)
         runs["scoremerge"].append(timed([sys.executable, "-m", "scoremerge", "merge", "--config",
                                          str(config), "--out", str(out_sm), "--no-progress"]))
-    (mk_s, mk_rss), (sm_s, sm_rss) = (sorted(runs[t])[(repeat - 1) // 2] for t in runs)
+    (mk_s, mk_rss, _), (sm_s, sm_rss, sm_merge_s) = (sorted(runs[t])[(repeat - 1) // 2]
+                                                     for t in runs)
     return {"method": method, "config": yaml.safe_load(config.read_text()),
-            "inputs_GB": input_bytes / 1e9, "runs_s": {t: [s for s, _ in r] for t, r in runs.items()},
+            "inputs_GB": input_bytes / 1e9,
+            "runs_s": {t: [r[0] for r in rs] for t, rs in runs.items()},
+            # scoremerge's own report of the merge, without the interpreter's start and imports
+            "scoremerge_merge_s": sm_merge_s, "scoremerge_merge_GBps": input_bytes / 1e9 / sm_merge_s,
             "mergekit_s": mk_s, "scoremerge_s": sm_s, "speedup": mk_s / sm_s,
             "mergekit_GBps": input_bytes / 1e9 / mk_s, "scoremerge_GBps": input_bytes / 1e9 / sm_s,
             "mergekit_peak_rss_GB": mk_rss / 1e9, "scoremerge_peak_rss_GB": sm_rss / 1e9,
