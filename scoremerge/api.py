@@ -173,7 +173,8 @@ def _merge_entrywise(base, experts, spec, opts, weights, alpha, exclude, device,
     home = floating[0].device if floating else torch.device("cpu")
     device = check_device(device) if device is not None else home
     out, jobs = {}, []
-    fused = _fused(spec, opts, weights, alpha, len(experts)) if cdtype == torch.float32 else None
+    fused = _fused(spec, opts, weights, alpha, len(experts)) \
+        if cdtype == torch.float32 and device.type == "cpu" else None
     for key, b in base.items():
         if not b.is_floating_point():
             out[key] = b.clone()

@@ -62,6 +62,30 @@ def test_o_direct_refused_mid_way_falls_back_without_losing_bytes(tmp_path, monk
     assert got == data and not direct
 
 
+@pytest.mark.parametrize("refused", ["a held block", "the last short block"])
+def test_o_direct_refused_at_a_held_block_loses_nothing(tmp_path, monkeypatch, refused):
+    """The fall-back can start while held bytes go out: when a write's head completes a held
+    block (the header's, here), or at finish() with the file's last short block. Every byte
+    lands, once, and the file keeps its size."""
+    if not _direct_allowed(tmp_path):
+        pytest.skip("this file system refuses O_DIRECT")
+    size = (17 << 20) + 1234                           # the last block is short
+    data = torch.randint(0, 256, (size,), dtype=torch.uint8).numpy().tobytes()
+    header = 777
+    spans = [(0, header), (header, size - 999), (size - 999, size)]
+    real, refusals = os.pwrite, []
+    target = 0 if refused == "a held block" else (size - 1) // BLOCK * BLOCK
+
+    def flaky(fd, view, offset):
+        if offset == target and len(view) == BLOCK and not refusals:
+            refusals.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, view, offset)
+    monkeypatch.setattr(direct_writes.os, "pwrite", flaky)
+    got, direct = written(tmp_path, size, spans, data)
+    assert refusals == [target] and not direct and len(got) == size and got == data
+
+
 def test_o_direct_refused_at_open_writes_through_the_cache(tmp_path, monkeypatch):
     def refuse(fd, cmd, arg=0):
         if cmd == direct_writes.fcntl.F_SETFL:

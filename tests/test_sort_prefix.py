@@ -74,6 +74,27 @@ def test_other_dtypes_and_nan_take_a_correct_path(dtype):
     assert torch.equal(sort_prefix.argsort_prefix_mask(values, 2_000), argsort_mask(values, 2_000))
 
 
+@pytest.mark.parametrize("scratch", [False, True])
+def test_past_the_depth_limit_argsort_answers_on_the_values_as_given(scratch):
+    """Where the introsort would turn to heapsort (here forced by a depth limit of 1), the
+    compiled replay declines with the values put back in place, and argsort answers."""
+    if not sort_prefix.compiled():
+        pytest.skip("scoremerge._cpu was not built")
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    values = tie_heavy(50_001, "fp16", g)
+    before = values.clone()
+    mask = torch.zeros(values.numel(), dtype=torch.bool)
+    assert not sort_prefix._compiled_mask(values, 20_000, mask, depth=1)
+    assert torch.equal(values, before) and not mask.any()
+    real = sort_prefix._compiled_mask
+    try:
+        sort_prefix._compiled_mask = lambda v, k, m: real(v, k, m, depth=1)
+        got = sort_prefix.argsort_prefix_mask(values, 20_000, scratch=scratch)
+    finally:
+        sort_prefix._compiled_mask = real
+    assert torch.equal(got, argsort_mask(before, 20_000))
+
+
 def test_the_probe_tells_a_different_order_apart():
     """The once-per-process check would refuse a replay that keeps other tied entries: a
     stable sort's prefix (a plausible wrong guess of the order) fails it."""

@@ -7,11 +7,11 @@
 
 namespace scoremerge_cpu {
 
-constexpr int ABI_VERSION = 2;
+constexpr int ABI_VERSION = 3;
 enum Status { OK = 0, HAS_NAN = 1, TOO_DEEP = 2 };
 
 // sort_prefix.cpp: mask the positions torch.argsort(values, descending=True)[:k] keeps.
-int prefix_mask_py(uintptr_t values, int64_t n, int64_t k, uintptr_t mask);
+int prefix_mask_py(uintptr_t values, int64_t n, int64_t k, uintptr_t mask, int64_t depth);
 
 // entrywise.cpp: fused float32 task arithmetic and linear over [0, n); the count of non-finite
 // outputs.

@@ -12,7 +12,7 @@ PYBIND11_MODULE(_cpu, m) {
   m.doc() = "scoremerge's CPU helpers (csrc/cpu)";
   m.def("version", [] { return ABI_VERSION; });
   m.def("prefix_mask", &prefix_mask_py, py::arg("values"), py::arg("n"), py::arg("k"),
-        py::arg("mask"));
+        py::arg("mask"), py::arg("depth") = -1);
   m.def("task_arithmetic", &task_arithmetic_py, py::arg("base"), py::arg("experts"),
         py::arg("weights"), py::arg("alpha"), py::arg("out"), py::arg("n"));
   m.def("linear", &linear_py, py::arg("experts"), py::arg("weights"), py::arg("divisor"),

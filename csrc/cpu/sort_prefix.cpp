@@ -7,8 +7,10 @@
 // torch's descending comparison x > y) takes on the part of the array that holds position k,
 // exactly as that introsort does them (__move_median_to_first, then __unguarded_partition),
 // then settles the last part of at most 16 as the final insertion sort does, stably. Returns
-// OK, HAS_NAN (the sort's NaN order is not replayed) or TOO_DEEP (where the introsort would
-// have switched to heapsort); mask is then untouched. sort_prefix.py checks this module
+// OK, HAS_NAN (the sort's NaN order is not replayed; checked before anything moves) or
+// TOO_DEEP (where the introsort would have switched to heapsort; the values are put back in
+// their places); mask is then untouched. depth: the introsort's depth limit, -1 for its own
+// (2 floor(log2 n)); tests pass a small one to reach TOO_DEEP. sort_prefix.py checks this module
 // against torch's own argsort before it trusts it. Pointers come as Python ints (no torch
 // linkage); the GIL is released while it runs, so rows of a TIES merge rank on several
 // threads.
@@ -40,10 +42,8 @@ inline void swap_at(float* a, Tag* tag, int64_t i, int64_t j) {
 }
 
 template <typename Tag>
-std::pair<int64_t, int64_t> narrow(float* a, Tag* tag, int64_t n, int64_t k) {
+std::pair<int64_t, int64_t> narrow(float* a, Tag* tag, int64_t n, int64_t k, int64_t depth) {
   int64_t first = 0, last = n;
-  int64_t depth = 0;
-  for (int64_t m = n; m > 1; m >>= 1) depth += 2;          // std::__lg(n) * 2
   while (last - first > INSERTION && first < k && k < last) {
     if (depth == 0) return {-1, -1};
     --depth;
@@ -73,11 +73,15 @@ std::pair<int64_t, int64_t> narrow(float* a, Tag* tag, int64_t n, int64_t k) {
 }
 
 template <typename Tag>
-Status prefix_mask(float* a, int64_t n, int64_t k, uint8_t* mask) {
+Status prefix_mask(float* a, int64_t n, int64_t k, uint8_t* mask, int64_t depth) {
   std::vector<Tag> tag(n);
   std::iota(tag.begin(), tag.end(), Tag(0));
-  auto [first, last] = narrow(a, tag.data(), n, k);
-  if (first < 0) return TOO_DEEP;
+  auto [first, last] = narrow(a, tag.data(), n, k, depth);
+  if (first < 0) {                      // put the values back where they were, for the sort
+    std::vector<float> moved(a, a + n);
+    for (int64_t i = 0; i < n; ++i) a[tag[i]] = moved[i];
+    return TOO_DEEP;
+  }
   if (first < k && k < last) {
     std::vector<std::pair<float, Tag>> part(last - first);
     for (int64_t i = first; i < last; ++i) part[i - first] = {a[i], tag[i]};
@@ -93,7 +97,7 @@ Status prefix_mask(float* a, int64_t n, int64_t k, uint8_t* mask) {
 
 namespace scoremerge_cpu {
 
-int prefix_mask_py(uintptr_t values, int64_t n, int64_t k, uintptr_t mask) {
+int prefix_mask_py(uintptr_t values, int64_t n, int64_t k, uintptr_t mask, int64_t depth) {
   if (!values || !mask) throw std::invalid_argument("prefix_mask: null pointer");
   if (n < 1 || k < 1 || k > n) throw std::invalid_argument("prefix_mask: need 1 <= k <= n");
   float* a = reinterpret_cast<float*>(values);
@@ -101,8 +105,12 @@ int prefix_mask_py(uintptr_t values, int64_t n, int64_t k, uintptr_t mask) {
   py::gil_scoped_release release;
   for (int64_t i = 0; i < n; ++i)
     if (std::isnan(a[i])) return HAS_NAN;
-  return n < (int64_t(1) << 31) ? prefix_mask<int32_t>(a, n, k, out)
-                                : prefix_mask<int64_t>(a, n, k, out);
+  if (depth < 0) {
+    depth = 0;
+    for (int64_t m = n; m > 1; m >>= 1) depth += 2;        // std::__lg(n) * 2
+  }
+  return n < (int64_t(1) << 31) ? prefix_mask<int32_t>(a, n, k, out, depth)
+                                : prefix_mask<int64_t>(a, n, k, out, depth);
 }
 
 }  // namespace scoremerge_cpu

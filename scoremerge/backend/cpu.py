@@ -7,7 +7,7 @@ import functools
 
 from .extension import load
 
-ABI_VERSION = 2                     # csrc/cpu/cpu.h's ABI_VERSION: a stale _cpu is not used
+ABI_VERSION = 3                     # csrc/cpu/cpu.h's ABI_VERSION: a stale _cpu is not used
 
 
 @functools.cache

@@ -105,12 +105,14 @@ class Checkpoint:
         return out if self._weight_map is None else _select(out, self.index, self._weight_map)
 
     def same_files(self, other):
-        """Whether `other` reads the very files this one does (one checkpoint named twice, as
-        in mergekit's linear without a base_model): one read then serves both."""
+        """Whether `other` reads the very files this one does, as the same tensors (one
+        checkpoint named twice, as in mergekit's linear without a base_model): one read then
+        serves both."""
         def files(checkpoint):
             return [(os.fstat(fd).st_dev, *opened)
                     for fd, opened in zip(checkpoint._fds, checkpoint._opened)]
-        return files(self) == files(other)
+        return files(self) == files(other) and self.infos == other.infos \
+            and self._file_of == other._file_of
 
     def check_unchanged(self):
         """Raise naming a file that was rewritten in place or replaced since it was opened."""

@@ -54,23 +54,26 @@ class DirectWrites:
         self._whole_blocks(data[first - offset:last - offset], first)
 
     def finish(self):
-        if self.direct:
-            last = (self.size - 1) // BLOCK
-            short = self.waiting.pop(last, None)
-            if self.waiting:                           # never whole: ordinary writes for them
-                self._give_up_direct()
-            if short is not None and self.direct:
-                self._whole_blocks(_assembled(short[1], last), last * BLOCK)
-            elif short is not None:
-                for at, piece in short[1]:
-                    _write_all(self.fd, piece, at)
-        if self.direct:
-            os.ftruncate(self.fd, self.size)           # the last block went out padded
+        last = (self.size - 1) // BLOCK
+        short = self.waiting.pop(last, None)
+        if self.waiting and self.direct:               # never whole: ordinary writes for them
+            self._give_up_direct()
+        if short is not None and self.direct:
+            self._whole_blocks(_assembled(short[1], last), last * BLOCK)
+        elif short is not None:
+            for at, piece in short[1]:
+                _write_all(self.fd, piece, at)
+        # the last block went out padded (directly, or in a fall-back write of the padded block)
+        os.ftruncate(self.fd, self.size)
         self.bounce = None
 
     def _wait(self, data, offset):
-        """Keep bytes of partly covered blocks; a block whose bytes are all there goes out."""
+        """Keep bytes of partly covered blocks; a block whose bytes are all there goes out.
+        Once O_DIRECT has been given up (possibly by this very call), bytes go out at once."""
         while len(data):
+            if not self.direct:
+                _write_all(self.fd, data, offset)
+                return
             block = offset // BLOCK
             n = min(len(data), (block + 1) * BLOCK - offset)
             entry = self.waiting.setdefault(block, [0, []])

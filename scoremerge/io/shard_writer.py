@@ -78,6 +78,7 @@ class ShardWriter:
         os.replace(self.tmp, self.path)
 
     def abort(self):
+        self.writes = None                              # and its bounce buffer
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None

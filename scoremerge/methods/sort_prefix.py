@@ -63,11 +63,13 @@ def _torch_agrees():
     return _agrees(_replayed)
 
 
-def _compiled_mask(values, k, mask):
+def _compiled_mask(values, k, mask, depth=-1):
     """Fills the zeroed mask by the compiled replay, permuting values; False where it cannot
-    (a NaN, or past the introsort's depth limit)."""
+    (a NaN, or past the introsort's depth limit: values are then as they were). depth: the
+    depth limit, -1 for the introsort's own."""
     _cpu = cpu_extension()[0]
-    return _cpu.prefix_mask(values.data_ptr(), values.numel(), k, mask.data_ptr()) == _cpu.OK
+    return _cpu.prefix_mask(values.data_ptr(), values.numel(), k, mask.data_ptr(),
+                            depth) == _cpu.OK
 
 
 def _compiled_prefix(values, k):
