@@ -124,8 +124,8 @@ def _add_merge(sub):
                         "of what is free)")
     m.add_argument("--max-memory", metavar="SIZE",
                    help="CPU memory for the streamed batches (default: a quarter of the "
-                        "machine's); mean, task_arithmetic and magmax keep to it whatever the "
-                        "key sizes")
+                        "machine's); mean, linear, task_arithmetic and magmax keep to it "
+                        "whatever the key sizes (TIES and the SVD methods need each key whole)")
     m.add_argument("--stream", action="store_true",
                    help="require the streaming merge (used anyway whenever every input is a "
                         "safetensors checkpoint and the method merges keys independently)")

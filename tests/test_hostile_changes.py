@@ -128,8 +128,14 @@ SITECUSTOMIZE = """
     if os.environ.get("SCOREMERGE_TEST_SLOW_PUT"):
         from scoremerge.io import shard_writer
         _delay, _put = float(os.environ["SCOREMERGE_TEST_SLOW_PUT"]), shard_writer.ShardWriter.put
+        _hold = os.environ.get("SCOREMERGE_TEST_HOLD")
         def put(self, *args, **kwargs):
             time.sleep(_delay)
+            # once a shard is complete, later puts wait while the hold file exists: the test
+            # signals a run that is surely still merging, however fast the machine
+            while _hold and os.path.exists(_hold) and any(
+                    p.name.startswith("model-") for p in self.path.parent.iterdir()):
+                time.sleep(0.02)
             _put(self, *args, **kwargs)
         shard_writer.ShardWriter.put = put
 """
@@ -156,10 +162,13 @@ def test_a_signalled_streaming_merge_keeps_its_shards_and_resumes(ws, tmp_path, 
                 "--no-progress", *extra]
 
     before = snapshot(ws.root / "in3")
+    hold = tmp_path / "hold"
+    hold.touch()
     proc = subprocess.Popen([sys.executable, "-m", "scoremerge", *argv(ws.out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=os.environ | {"PYTHONPATH": f"{site}{os.pathsep}{REPO}",
-                                              "SCOREMERGE_TEST_SLOW_PUT": "0.1"})
+                                              "SCOREMERGE_TEST_SLOW_PUT": "0.1",
+                                              "SCOREMERGE_TEST_HOLD": str(hold)})
     partial = ws.root / ".out.scoremerge-partial"
     try:
         deadline = time.monotonic() + 60
@@ -172,6 +181,8 @@ def test_a_signalled_streaming_merge_keeps_its_shards_and_resumes(ws, tmp_path, 
         assert_refused(code, err, "another scoremerge run is writing")
         if sig is not None:
             proc.send_signal(sig)
+            time.sleep(0.3)                             # handled before the writer may go on
+        hold.unlink()
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:

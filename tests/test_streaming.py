@@ -95,7 +95,8 @@ def test_streaming_equals_the_in_memory_merge(checkpoints, tmp_path, method, opt
 
 
 @pytest.mark.parametrize("method, options", [("task_arithmetic", {}), ("magmax", {}),
-                                             ("mean", {}), ("ties", {"scope": "tensor"})])
+                                             ("mean", {}), ("linear", {}),
+                                             ("ties", {"scope": "tensor"})])
 def test_a_tiny_memory_budget_splits_keys_and_changes_nothing(checkpoints, tmp_path, method,
                                                                options, monkeypatch):
     """With a budget below one key, entrywise methods merge spans of a key's entries (read and
