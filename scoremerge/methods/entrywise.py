@@ -155,7 +155,6 @@ class _Job:
             if not in_place:
                 self.out[lo:hi].copy_(result)
 
-
     def _run_fused(self, start, stop):
         """[start, stop) in one call of the compiled kernel (no chunks: it streams itself)."""
         _cpu = cpu_extension()[0]
