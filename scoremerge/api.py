@@ -226,8 +226,8 @@ def _fused_agrees(method, plan, alpha, n_experts, normalize):
     base[:64] = torch.tensor([0.0, -0.0] * 32)
     # per entry and task, sizes over six orders of magnitude: any other order of the sum
     # rounds differently somewhere
-    experts = [base + torch.randn(n, generator=g) * scale * 10 ** (6 * torch.rand(n, generator=g) - 3)
-               for t in range(n_experts)]
+    experts = [base + torch.randn(n, generator=g) * scale
+               * 10 ** (6 * torch.rand(n, generator=g) - 3) for _ in range(n_experts)]
     experts[0][64:128] = base[64:128]                     # a task vector of exact zeros
     if n_experts > 1:
         experts[1][128:192] = -experts[0][128:192]        # tasks that cancel

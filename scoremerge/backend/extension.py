@@ -8,7 +8,8 @@ def load(name, abi, built_when):
     try:
         module = importlib.import_module(f"scoremerge.{name}")
     except ModuleNotFoundError:
-        return None, f"the extension scoremerge.{name} was not built (setup.py builds it {built_when})"
+        return None, (f"the extension scoremerge.{name} was not built (setup.py builds it "
+                      f"{built_when})")
     except ImportError as e:
         return None, f"the extension scoremerge.{name} does not import: {e}"
     if module.version() != abi:

@@ -12,12 +12,15 @@ blocks go out at once through an aligned bounce buffer, and the bytes of the blo
 only in part wait in memory until their block is complete (the neighbouring write fills it) or
 the file is finished (its last, short block). Where O_DIRECT is refused (tmpfs, some network file
 systems; at open or at a write), everything not yet written goes through ordinary writes, and so
-do files too small to gain from it.
+do files too small to gain from it; each ordinary write's writeback then starts at once, so the
+final fsync does not wait for the whole file.
 """
+import ctypes
 import errno
 import fcntl
 import mmap
 import os
+import sys
 
 BLOCK = 4096                        # a multiple of every common logical block size
 _BOUNCE = 32 << 20                  # the aligned buffer whole blocks are copied through
@@ -95,7 +98,7 @@ class DirectWrites:
             self.bounce[:len(piece)] = piece
             self.bounce[len(piece):padded] = bytes(padded - len(piece))
             try:
-                _write_all(self.fd, memoryview(self.bounce)[:padded], offset + at)
+                _pwrite_all(self.fd, memoryview(self.bounce)[:padded], offset + at)
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
@@ -121,7 +124,38 @@ def _assembled(pieces, block):
 
 
 def _write_all(fd, data, offset):
+    """An ordinary (page-cache) write of all of data at offset, its writeback started."""
+    _pwrite_all(fd, data, offset)
+    _start_writeback(fd, offset, len(memoryview(data).cast("B")))
+
+
+def _pwrite_all(fd, data, offset):
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
+
+
+def _start_writeback(fd, offset, nbytes):
+    """Have the kernel start writing [offset, offset + nbytes) to disk now, without waiting
+    (Linux sync_file_range)."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)   # advice: errors ignored
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+# Task arithmetic streaming 1.35 GB of output on the 2-core machine: 4.5-5.7 s wall without,
+# 3.95-4.1 s with (three runs each, alternating).
+def _libc_sync_file_range():
+    try:
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    call.restype = ctypes.c_int
+    return call
+
+
+_sync_file_range = _libc_sync_file_range() if sys.platform.startswith("linux") else None

@@ -1,12 +1,9 @@
 """A safetensors file written piece by piece: the header first (every key's dtype, shape and offsets
 are known from the plan), then each tensor's bytes at its offset as soon as it exists, so a
 shard is never held in memory whole. Readable by the safetensors library like any other file.
-The bytes go to disk past the page cache where the file system allows (direct_writes.py), else
-through it with each piece's writeback started at once."""
-import ctypes
+How the bytes reach the disk is direct_writes.py's business."""
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -61,8 +58,6 @@ class ShardWriter:
         raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
         at = self.data_start + offset + (start or 0) * dtype.itemsize
         self.writes.write(memoryview(raw), at)
-        if not self.writes.direct:
-            _start_writeback(self.fd, at, raw.nbytes)
         self.left[key] -= raw.nbytes
 
     def finish(self):
@@ -83,30 +78,3 @@ class ShardWriter:
             os.close(self.fd)
             self.fd = None
         self.tmp.unlink(missing_ok=True)
-
-
-def _start_writeback(fd, offset, nbytes):
-    """Have the kernel start writing [offset, offset + nbytes) to disk now, without waiting
-    (Linux sync_file_range), so finish()'s fsync does not wait for the whole shard at once."""
-    if _sync_file_range is not None:
-        _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)   # advice: errors ignored
-
-
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-# Task arithmetic streaming 1.35 GB of output on the 2-core machine: 4.5-5.7 s wall without,
-# 3.95-4.1 s with (three runs each, alternating).
-def _libc_sync_file_range():
-    try:
-        call = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    call.restype = ctypes.c_int
-    return call
-
-
-_sync_file_range = _libc_sync_file_range() if sys.platform.startswith("linux") else None
-
-

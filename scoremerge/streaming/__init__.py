@@ -48,10 +48,10 @@ def merge_checkpoints(base, experts, out, method="score", *, weights=None, alpha
     max_gpu_memory: GPU memory budget for a batch, with its workspace (bytes or "20GB"; default:
     half the free memory). max_memory: the same on the CPU (default: a quarter of the machine's
     memory; batches hold at most 256 MiB of inputs). An entrywise method (mean, linear, task
-    arithmetic, MagMax) splits a key larger than a batch into spans of its entries, so the budget holds
-    whatever the key sizes; other methods need a key whole, and a key larger than the budget is
-    a batch of its own. max_shard_size: output shard size. resume: finish an interrupted merge
-    of the same inputs and settings.
+    arithmetic, MagMax) splits a key larger than a batch into spans of its entries, so the
+    budget holds whatever the key sizes; other methods need a key whole, and a key larger than
+    the budget is a batch of its own. max_shard_size: output shard size. resume: finish an
+    interrupted merge of the same inputs and settings.
     side_files: paths, or (name, path) pairs from io.access.side_files, copied beside the
     weights. Methods must merge keys independently: TIES with scope="global" ranks entries over
     the whole model and is refused here (use scope="tensor", or the in-memory api.merge).
