@@ -3,8 +3,8 @@ a batch of matrices.
 
 naive.py: the reference (torch.linalg.svd). batched.py: the torch backend, which routes between
 gram64.py (float64 Gram matrices and a symmetric eigensolver) and cpu_float32.py (float32 on a
-CPU). cuda.py: the float64 Gram route with cuSOLVER's batched eigensolver. signs.py: the sign
-convention all of them share.
+CPU). cuda.py: the float64 Gram route with cuSOLVER's batched eigensolver. gram.py: the Gram
+products X^T X both routes take. signs.py: the sign convention all of them share.
 """
 from ...backend import run
 from ..checks import check_matrix_batch

@@ -15,8 +15,9 @@ a float32 Gram product and eigh plus a few float32 products, and keeps float32 S
   l x l float64 eigenproblem, (l/n)^3 of the big one) resolves the directions inside it, and a
   last product gives V one step more (the side SCORE's square polar factor amplifies).
 - Polar factor: X (X^T X)^{-1/2} from the float32 Gram eigensolver, accurate while kappa(X) is
-  small; its error is mostly non-orthonormality, which one Newton-Schulz step removes
-  (768x768: float32 SVD 2.0e-6, this route 1.2e-6 at kappa 10, 3.6e-6 at 30).
+  small; its error is mostly non-orthonormality, which one Newton-Schulz step removes, taken
+  through the Gram matrix (_polished; 2304x768 and 768x3072, kappa 8..16: 0.5x..1.5x float32
+  SVD's error, measured).
 
 Items outside the guards are recomputed the reference's way or better: truncated SVDs by the
 float64 Gram route (which itself falls back to SVD), polar factors by float32 SVD, exactly the
@@ -28,6 +29,7 @@ import torch
 
 from ...parallel import map_batch
 from . import gram64
+from .gram import gram
 
 # Which items the refinement takes, from kappa_k = s_1 / s_k and rho = s_{l+1}^2 / s_k^2 of the
 # float32 Gram eigenvalues (accurate enough to decide): kappa_k <= 8, or kappa_k <= 20 with
@@ -45,7 +47,8 @@ _RHO_MAX = 0.8
 _KAPPA_NO_STEP = 4.0
 # Largest kappa(X) for the float32 polar factor (and a full-rank SVD): there its error stays
 # within 2x of float32 SVD's (see the module docstring); past _KAPPA_NO_POLISH it takes the
-# Newton-Schulz step (unpolished: 1.1x float32 SVD's error at kappa 5, 1.65x at 10).
+# Newton-Schulz step (unpolished: 1.1x float32 SVD's error at kappa 5, 1.65x at 10; with the
+# step 0.5x at kappa 6.3, 0.6x-0.7x at 8).
 _KAPPA_DIRECT = 16.0
 _KAPPA_NO_POLISH = 6.0
 # Below this min(m, n) the float64 Gram route is as fast or faster: its eigenproblem is small,
@@ -103,18 +106,21 @@ def _refined_svd(X, k, l):
     """Top-k triplets (U, s, V) of float32 X [b, m, n], m >= n, from the float32 Gram's top-l
     eigenvectors, a subspace-iteration step, float64 Rayleigh-Ritz and a last product for V;
     and a per-item flag (False: redo by the float64 route)."""
-    w, Q = _eigh_descending(X.mT @ X)
+    w, Q = _eigh_descending(gram(X))
     ok = _refinable(w, k, l)
     Z = Q[..., :l]
     if not (w[:, 0] <= _KAPPA_NO_STEP**2 * w[:, k - 1]).all():
         # X^T X Z / w: Z again, sharpened by s^2 / s_l^2; the division keeps columns O(1)
         scale = torch.where(ok[:, None], w[:, :l], 1.0)[:, None, :]
         Z = torch.nan_to_num(X.mT @ (X @ Z) / scale)
+    # re-orthonormalised in float64 even without the step: the float32 eigensolver's vectors
+    # are orthonormal to ~3e-6 only (||Z^T Z - I||, 3072 x 768), and taking them as they are
+    # raised SCORE's error from 1.5e-3 to 4.5e-3 (T = 4, one ViT-B block, measured)
     basis, independent = _cholqr64(Z)
     B = X @ basis.float()
     # B's columns are nearly orthogonal, so float32 rounds each entry of B^T B relative to
     # |b_i| |b_j|, not to s_1^2; the float64 eigensolver then keeps that relative accuracy
-    w2, W = _eigh_descending((B.mT @ B).double())
+    w2, W = _eigh_descending(gram(B).double())
     s = w2[:, :k].clamp_min(0).sqrt()
     ok &= independent & (s[:, -1] * gram64._MAX_KAPPA > s[:, 0])
     inv_s = (1.0 / torch.where(ok[:, None], s, 1.0)).float()
@@ -130,7 +136,7 @@ def _direct_svd(X):
     kappa(X) <= _KAPPA_DIRECT. Items _well_conditioned declines skip the eigensolver (left
     unwritten, flagged): Iso-C's summed 768 x 768 attention projections, kappa ~3e3, spent
     25 ms of float32 eigh each before the float64 route redid them."""
-    G = X.mT @ X
+    G = gram(X)
     ok = _well_conditioned(G)
     b, m, n = X.shape
     U, s, V = X.new_empty(b, m, n), X.new_ones(b, n), X.new_empty(b, n, n)
@@ -139,19 +145,25 @@ def _direct_svd(X):
         w, Q = _eigh_descending(G[some])
         good = torch.isfinite(w).all(-1) & (w[:, 0] <= _KAPPA_DIRECT**2 * w[:, -1])
         root = torch.where(good[:, None], w, 1.0).clamp_min(1e-30).sqrt()
-        U[some] = _polish((X[some] @ Q) / root[:, None, :], root[:, 0] / root[:, -1])
+        U[some] = X[some] @ _polished(Q / root[:, None, :], G[some], root[:, 0] / root[:, -1])
         s[some], V[some] = root, Q
         ok = ok.masked_scatter(ok, good)
     return U, s, V, ok
 
 
-def _polish(P, kappa):
-    """One Newton-Schulz step, P (3I - P^T P) / 2, on the items with kappa > _KAPPA_NO_POLISH."""
+def _polished(R, G, kappa):
+    """R [b, n, k] such that X R is nearly orthonormal, G = X^T X: on the items with
+    kappa > _KAPPA_NO_POLISH, R (3I - R^T G R) / 2, so that X R takes one Newton-Schulz step,
+    P (3I - P^T P) / 2, without forming P^T P from P (n^3 work in place of 2 m n^2). From the
+    same float32 Gram matrix the error left is within 0.5x float32 SVD's (Iso-C's summed
+    qkv and fc1 matrices, kappa 5-6: 9.2e-7 and 8.4e-7 against 2.0e-6 and 1.9e-6; the step on
+    P itself 6.8e-7 and 6.2e-7, measured)."""
     rough = kappa > _KAPPA_NO_POLISH
     if rough.any():
-        Q = P[rough]
-        P[rough] = 1.5 * Q - 0.5 * (Q @ (Q.mT @ Q))
-    return P
+        some = slice(None) if rough.all() else rough
+        Rr = R[some]
+        R[some] = 1.5 * Rr - 0.5 * (Rr @ (Rr.mT @ (G[some] @ Rr)))
+    return R
 
 
 def truncated_svd(A, k):
@@ -188,19 +200,21 @@ def _well_conditioned(G):
     return torch.linalg.cholesky_ex(G - shift * eye).info == 0
 
 
-def _polar32(X):
-    """Polar factor of float32 X [b, m, n], m >= n, and a per-item flag kappa <= _KAPPA_DIRECT
+def _polar32(A, tall):
+    """Polar factor of float32 A [b, m, n] in its own orientation (a wide A's Gram matrix is
+    A A^T and its factor W A: no transposed copies), and a per-item flag kappa <= _KAPPA_DIRECT
     (items without it are left unwritten)."""
-    G = X.mT @ X
+    G = gram(A if tall else A.mT)
     ok = _well_conditioned(G)
-    out = torch.empty_like(X)
+    out = torch.empty_like(A)
     if ok.any():
         some = slice(None) if ok.all() else ok        # a view, not a copy, in the usual case
         w, Q = torch.linalg.eigh(G[some])
         good = torch.isfinite(w).all(-1) & (w[:, -1] <= _KAPPA_DIRECT**2 * w[:, 0])
         w = torch.where(good[:, None], w, 1.0).clamp_min(1e-30)
-        P = X[some] @ ((Q * w.rsqrt()[:, None, :]) @ Q.mT)
-        out[some] = _polish(P, (w[:, -1] / w[:, 0]).sqrt())
+        # P = A W (tall), or its transpose's, W A (wide): W = G^(-1/2) either way
+        W = _polished((Q * w.rsqrt()[:, None, :]) @ Q.mT, G[some], (w[:, -1] / w[:, 0]).sqrt())
+        out[some] = A[some] @ W if tall else W.mT @ A[some]
         ok = ok.masked_scatter(ok, good)
     return out, ok
 
@@ -214,8 +228,7 @@ def polar_reference(X):
 def polar(A):
     """Orthogonal polar factor of float32 A [b, m, n] on a CPU (thin SVD A = P S Q -> P Q)."""
     tall = A.shape[-2] >= A.shape[-1]
-    X = A if tall else A.mT
-    out, ok = map_batch(_polar32, X)
+    out, ok = map_batch(lambda a: _polar32(a, tall), A)
     if not ok.all():
-        out[~ok] = map_batch(polar_reference, X[~ok])
-    return out if tall else out.mT
+        out[~ok] = map_batch(polar_reference, A[~ok])
+    return out

@@ -15,6 +15,7 @@ dtype, so every item is at least as accurate as the plain-torch reference.
 import torch
 
 from ...parallel import map_batch
+from .gram import gram
 
 _MAX_KAPPA = 1e4
 
@@ -27,7 +28,7 @@ def _eigh_descending(G, eigh):
 def _truncated_svd_gram(X, k, eigh):
     """Top-k triplets of float64 X [b, m, n], m >= n, as (U, s, V), and a per-item "redo" flag
     (NaN eigenvalues, an eigensolver's "did not converge", fail the test and are redone too)."""
-    w, Q = _eigh_descending(X.mT @ X, eigh)
+    w, Q = _eigh_descending(gram(X), eigh)
     s = w[..., :k].sqrt()
     V = Q[..., :k]
     ok = s[..., -1] * _MAX_KAPPA > s[..., 0]
@@ -52,7 +53,7 @@ def truncated_svd(A, k, eigh=torch.linalg.eigh):
 
 def _polar_gram(X, eigh):
     """Polar factor of float64 X [b, m, n], m >= n, and a per-item "redo" flag."""
-    w, Q = _eigh_descending(X.mT @ X, eigh)
+    w, Q = _eigh_descending(gram(X), eigh)
     ok = w[..., -1] * _MAX_KAPPA**2 > w[..., 0]
     inv_sqrt = torch.where(ok[..., None], w, 1.0).rsqrt()
     return X @ ((Q * inv_sqrt[..., None, :]) @ Q.mT), ~ok
