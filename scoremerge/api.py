@@ -360,9 +360,29 @@ class _Stack:
                                               for tv in tvs for x in tv.values()))
 
     def stacked(self, key, scaled=True):
-        x = torch.stack([tv[key].to(device=self.device, dtype=self.dtype) for tv in self.tvs])
+        return self.stacked_group([key], scaled)[0]
+
+    def stacked_group(self, keys, scaled=True):
+        """[len(keys), T, *shape] for same-shape keys, in one copy (scaled in place)."""
+        x = torch.stack([tv[key].to(device=self.device, dtype=self.dtype)
+                         for key in keys for tv in self.tvs])
+        x = x.view(len(keys), len(self.tvs), *x.shape[1:])
         if scaled and self.weights is not None:
-            x = _scaled_by_task(x, self.weights)
+            _scaled_by_task(x.transpose(0, 1), self.weights, in_place=True)
+        return x
+
+    def summed_group(self, keys):
+        """[len(keys), 1, *shape]: each key's (weighted) task sum, accumulated task by task in
+        the reference's order; no [T, ...] copy (at T = 8 the copies took a third of Iso-C)."""
+        first = self.tvs[0][keys[0]]
+        x = torch.empty(len(keys), 1, *first.shape, device=self.device, dtype=self.dtype)
+        w = self.weights or [1.0] * len(self.tvs)
+        for acc, key in zip(x[:, 0], keys):
+            acc.copy_(self.tvs[0][key])
+            if w[0] != 1.0:
+                acc.mul_(w[0])
+            for tv, w_t in zip(self.tvs[1:], w[1:]):
+                acc.add_(tv[key].to(device=self.device, dtype=self.dtype), alpha=w_t)
         return x
 
     def store(self, key, value):
@@ -380,7 +400,8 @@ def _merge_matrix_keys(stack, spec, opts, exclude, backend, bar):
                           min_chunks=torch.get_num_threads() if on_cpu else 1, method=spec.name)
 
     def merge_group(group):
-        merged = spec.fn(torch.stack([stack.stacked(k) for k in group]), backend=backend, **opts)
+        tau = stack.summed_group(group) if spec.on_task_sum else stack.stacked_group(group)
+        merged = spec.fn(tau, backend=backend, **opts)
         for key, value in zip(group, merged):
             stack.store(key, value)
         bar.update(len(group))

@@ -1,4 +1,6 @@
 """merge, task_vectors, methods, and every bad input the API must reject by name."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -74,6 +76,30 @@ def test_registry_rejects_duplicates_and_undeclared_options():
         return tau
     with pytest.raises(TypeError, match="gamma"):
         merge_method("new", kind="matrix", summary="", paper="", reference=lambda t: t)(bad)
+    with pytest.raises(ValueError, match="only a matrix method reads the task sum"):
+        merge_method("new", kind="elementwise", summary="", paper="", reference=lambda t: t,
+                     on_task_sum=True)(lambda t: t)
+
+
+def test_a_method_on_the_task_sum_is_given_the_weighted_sum_only(monkeypatch):
+    """Iso-C reads the task matrices only through their sum: the API hands it [B, 1, m, n],
+    each key's weighted sum in the compute dtype, and the merge equals the reference's."""
+    from scoremerge.methods import registry
+    spec = registry.get("iso_c")
+    seen = []
+
+    def recording(tau, **kw):
+        seen.append((tuple(tau.shape), tau.dtype))
+        return spec.fn(tau, **kw)
+    monkeypatch.setitem(registry._REGISTRY, "iso_c", dataclasses.replace(spec, fn=recording))
+    tvs = [{k: v.float() for k, v in tv.items()} for tv in random_task_vectors(SHAPES, 3, seed=8)]
+    weights = (0.5, -1.25, 2.0)
+    got = scoremerge.merge_task_vectors(tvs, "iso_c", weights=weights, dtype="float64")
+    assert sorted(seen) == [((1, 1, 8, 12), torch.float64), ((1, 1, 12, 8), torch.float64)]
+    want = scoremerge.ref.merge_task_vectors(
+        [{k: v.double() for k, v in tv.items()} for tv in tvs], "iso_c", weights=weights)
+    for key in ("w", "v"):
+        assert rel_err(got[key].double(), want[key]) < 1e-6, key
 
 
 @pytest.mark.parametrize("mutate,message", [

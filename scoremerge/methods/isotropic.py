@@ -9,11 +9,14 @@ ISO_PAPER = "Marczak et al., No Task Left Behind: Isotropic Model Merging with C
 
 
 @merge_method("iso_c", kind="matrix", paper=ISO_PAPER, reference=ref.methods.iso_c,
-              summary="Iso-C: the summed task matrix with every singular value set to their mean")
+              summary="Iso-C: the summed task matrix with every singular value set to their mean",
+              on_task_sum=True)
 def iso_c(tau, *, backend="auto"):
+    # mean(s) U Vh is mean(s) polar(A), and mean(s) = trace(P^T A) / r (P^T A = V diag(s) V^T):
+    # one polar factor, with no singular vectors to reconstruct from
     A = tau.sum(dim=1)
-    U, s, Vh = ops.truncated_svd(A, min(A.shape[-2:]), backend=backend)
-    return _scaled_product(U, s.mean(dim=1), Vh, backend)
+    P = ops.polar(A, backend=backend)
+    return P * ((P * A).sum(dim=(-2, -1)) / min(A.shape[-2:]))[:, None, None]
 
 
 @merge_method(

@@ -65,7 +65,9 @@ class MergeMethod:
     weights itself (`weights=`, a [T] tensor or None) instead of receiving task vectors already
     scaled by them. on_models: the method merges the experts' weights, not task vectors (the
     base only names the keys). couples_keys: options -> None when each key merges on its own
-    under those options, else why not (a streaming or per-key merge then cannot run it)."""
+    under those options, else why not (a streaming or per-key merge then cannot run it).
+    on_task_sum: a matrix method that reads the task matrices only through their sum, so it
+    may be given that sum as [B, 1, m, n] in place of [B, T, m, n]."""
     name: str
     kind: str
     summary: str
@@ -78,6 +80,7 @@ class MergeMethod:
     weighted: bool = False
     on_models: bool = False
     couples_keys: object = field(default=None, repr=False)
+    on_task_sum: bool = False
 
     def coupling(self, options):
         """None when every key merges independently of the others under `options` (parsed),
@@ -124,12 +127,15 @@ def _keyword_defaults(fn):
 
 
 def merge_method(name, *, kind, summary, paper, reference, options=(), min_tasks=1,
-                 entrywise=False, weighted=False, on_models=False, couples_keys=None):
+                 entrywise=False, weighted=False, on_models=False, couples_keys=None,
+                 on_task_sum=False):
     """Register the decorated function as method `name`."""
     if kind not in ("matrix", "elementwise"):
         raise ValueError(f"method {name!r}: kind must be 'matrix' or 'elementwise', got {kind!r}")
     if entrywise and kind != "elementwise":
         raise ValueError(f"method {name!r}: only an elementwise method can be entrywise")
+    if on_task_sum and kind != "matrix":
+        raise ValueError(f"method {name!r}: only a matrix method reads the task sum")
 
     def register(fn):
         if name in _REGISTRY:
@@ -140,7 +146,8 @@ def merge_method(name, *, kind, summary, paper, reference, options=(), min_tasks
                 raise TypeError(f"method {name!r}: {impl.__module__}.{impl.__qualname__} takes "
                                 f"keyword options {_keyword_defaults(impl)}, declared {declared}")
         _REGISTRY[name] = MergeMethod(name, kind, summary, paper, fn, reference, tuple(options),
-                                      min_tasks, entrywise, weighted, on_models, couples_keys)
+                                      min_tasks, entrywise, weighted, on_models, couples_keys,
+                                      on_task_sum)
         return fn
     return register
 
