@@ -114,6 +114,12 @@ def measure(name, T, blocks, rounds, peer_threads, with_previous):
 
     rivals = [on_threads(lambda: rival(tv32), n) for n in peer_threads]
     timed = [ours, previous] if with_previous else [ours]
+    try:
+        on_threads(lambda: rival(tv32), 1)()
+    except torch.linalg.LinAlgError as e:       # FusionBench's float32 SVDs can fail to converge
+        return failed_rival(name, T, blocks, rival_name, interleaved(ours, rounds=rounds)[0],
+                            e, worst_error(ours(), on_threads(
+                                lambda: ref.merge_task_vectors(tv64, method, **opts), 1)()))
     times = interleaved(*timed, *rivals, rounds=rounds)
     mine, rival_times = times[:len(timed)], times[len(timed):]
     # untimed work on one thread: under this machine's load torch's LAPACK calls ran up to 8x
@@ -135,6 +141,15 @@ def measure(name, T, blocks, rounds, peer_threads, with_previous):
           f"{row['ratio']:5.2f}x  err {row['err_scoremerge']:.1e} vs {row['err_rival']:.1e}",
           flush=True)
     return row
+
+
+def failed_rival(name, T, blocks, rival_name, seconds, error, err_scoremerge):
+    """The row of a rival that raised on these inputs: scoremerge's time and error, and why."""
+    reason = str(error).splitlines()[0]
+    print(f"{name:16s} T={T} scoremerge {seconds:7.2f} s  {rival_name} failed: {reason}  "
+          f"err {err_scoremerge:.1e}", flush=True)
+    return {"method": name, "T": T, "blocks": blocks, "rival": rival_name, "scoremerge_s": seconds,
+            "rival_failed": reason, "ratio": None, "err_scoremerge": err_scoremerge}
 
 
 def main():
