@@ -114,17 +114,15 @@ def measure(name, T, blocks, rounds, peer_threads, with_previous):
 
     rivals = [on_threads(lambda: rival(tv32), n) for n in peer_threads]
     timed = [ours, previous] if with_previous else [ours]
-    try:
-        on_threads(lambda: rival(tv32), 1)()
-    except torch.linalg.LinAlgError as e:       # FusionBench's float32 SVDs can fail to converge
-        return failed_rival(name, T, blocks, rival_name, interleaved(ours, rounds=rounds)[0],
-                            e, worst_error(ours(), on_threads(
-                                lambda: ref.merge_task_vectors(tv64, method, **opts), 1)()))
-    times = interleaved(*timed, *rivals, rounds=rounds)
-    mine, rival_times = times[:len(timed)], times[len(timed):]
     # untimed work on one thread: under this machine's load torch's LAPACK calls ran up to 8x
     # faster on one thread than on two (the incumbents' timings show it)
     answer = on_threads(lambda: ref.merge_task_vectors(tv64, method, **opts), 1)()
+    try:
+        times = interleaved(*timed, *rivals, rounds=rounds)
+    except torch.linalg.LinAlgError as e:       # FusionBench's float32 SVDs can fail to converge
+        return failed_rival(name, T, blocks, rival_name, interleaved(ours, rounds=rounds)[0],
+                            e, worst_error(ours(), answer))
+    mine, rival_times = times[:len(timed)], times[len(timed):]
     rival_answer = answer if rival_name.startswith("authors") else \
         on_threads(lambda: rival(tv64), 1)()
     row = {"method": name, "T": T, "blocks": blocks, "rival": rival_name, "scoremerge_s": mine[0],
