@@ -62,11 +62,12 @@ def test_doctor_runs_here_and_every_available_backend_agrees(capsys, tmp_path):
 
 
 def test_a_wrong_backend_makes_doctor_exit_1_naming_the_op(capsys, monkeypatch, tmp_path):
-    """The torch reconstruction off by one part in 10^5: far inside any eyeballed tolerance,
-    far outside the earned one."""
+    """The torch reconstruction off by one part in 10^4: far inside any eyeballed tolerance,
+    far outside the earned one (the SCORE merge's bound is twice the float32 reference's error,
+    6e-6 on an AVX-512 EPYC: 10^-5 hid under it)."""
     real = torch_projection.reconstruct
     monkeypatch.setattr(torch_projection, "reconstruct",
-                        lambda *a: real(*a) * (1 + 1e-5))
+                        lambda *a: real(*a) * (1 + 1e-4))
     status, out = run_doctor(capsys, "--json", str(tmp_path / "d.json"))
     assert status == 1
     assert "verdict: FAIL" in out and "reconstruct on torch (float32)" in out

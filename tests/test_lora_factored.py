@@ -168,8 +168,11 @@ def test_entrywise_methods_materialize_per_key_and_equal_the_api(method, options
     fast = merge_factored(tvs, FULL_SHAPES, method, **options)
     api = scoremerge.merge_task_vectors([{k: u.materialize() for k, u in tv.items()}
                                          for tv in tvs], method, **options)
+    # merge_factored materializes each key on a thread of its own, with one intra-op thread;
+    # MKL rounds B @ A differently by thread count on some CPUs (AVX-512 EPYC), so the two
+    # agree to float64 rounding of the product, not to the bit
     for key in FULL_SHAPES:
-        assert torch.equal(fast[key], api[key]), key
+        assert rel_err(fast[key], api[key]) < 1e-14, key
 
 
 def test_refusals():

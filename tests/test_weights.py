@@ -117,8 +117,16 @@ def test_streaming_equals_in_memory_with_weights(tmp_path, method, options):
                       progress=False, **options)
     streamed = load_state_dict(tmp_path / "out")
     in_memory = scoremerge.merge(base, experts, method, weights=WEIGHTS, **options)
+    if scoremerge.methods()[method].kind != "matrix":
+        for key, value in in_memory.items():
+            assert torch.equal(streamed[key], value), key
+        return
+    # An SVD method's products run on however many intra-op threads the grouping of keys leaves
+    # each one, and MKL's kernels round differently by thread count on some CPUs (AVX-512 EPYC):
+    # the two agree within the float32 merge's own error, not to the bit.
+    answer = scoremerge.merge(*models(), method, weights=WEIGHTS, **options)
     for key, value in in_memory.items():
-        assert torch.equal(streamed[key], value), key
+        assert rel_err(streamed[key], value) <= 2 * rel_err(value, answer[key]), key
 
 
 @pytest.mark.parametrize("weights, options, match", [

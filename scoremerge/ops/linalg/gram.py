@@ -14,12 +14,23 @@ _MIN_WIDTH = 384
 def gram(X):
     """X^T X for X [..., m, n] -> [..., n, n], exactly symmetric on a CPU."""
     n = X.shape[-1]
-    if X.device.type != "cpu" or n < _MIN_WIDTH:
+    if X.device.type != "cpu":
         return X.mT @ X
+    if n < _MIN_WIDTH:
+        return _mirrored_upper(X.mT @ X)
     G = X.new_empty(*X.shape[:-2], n, n)
     cuts = [n * i // _BLOCKS for i in range(_BLOCKS + 1)]
     for a, b in zip(cuts, cuts[1:]):
         rows = X[..., a:b].mT @ X[..., a:]
-        G[..., a:b, a:] = rows
-        G[..., a:, a:b] = rows.mT
+        G[..., a:b, a:b] = _mirrored_upper(rows[..., :b - a])
+        G[..., a:b, b:] = rows[..., b - a:]
+        G[..., b:, a:b] = rows[..., b - a:].mT
     return G
+
+
+def _mirrored_upper(G):
+    """G's upper triangle, mirrored: a product's X_i^T X_i is not exactly symmetric under every
+    BLAS (MKL's AVX-512 kernels round the two triangles differently), and the eigensolver reads
+    one triangle only, so the Gram matrix is made symmetric by construction."""
+    upper = G.triu()
+    return upper.add_(upper.mT.tril(-1))
