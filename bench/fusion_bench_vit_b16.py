@@ -38,7 +38,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 import scoremerge
 import scoremerge.integrations.fusion_bench as sm
 
-from harness import RESULTS, cpu_model, environment, machine_state
+from harness import RESULTS, environment, machine_state
 
 METHODS = {    # FusionBench's config arguments, and scoremerge's extra ones
     "tsv": ("TaskSingularVectorMerging", {"alpha": 1, "exclude_keys": None}, {}),
@@ -160,7 +160,7 @@ def write(path, args, params, before, rows):
     env["versions"].update({"fusion_bench": importlib.metadata.version("fusion-bench"),
                             "scoremerge": scoremerge.__version__})
     result = {**env, "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-              "cpu": cpu_model(), "tasks": args.tasks, "layers": args.layers,
+              "tasks": args.tasks, "layers": args.layers,
               "parameters": params, "dtype": "float32", "rounds": args.rounds,
               "peak_rss_GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
               "machine_before": before, "machine_after": machine_state(), "rows": rows}

@@ -83,7 +83,7 @@ def environment(device):
         pass
     return {"device": name, "threads": torch.get_num_threads(), "versions": versions,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(sys.argv)}
+            "command": " ".join(sys.argv), "cpu": cpu_model()}
 
 
 def record(name, rows, device):

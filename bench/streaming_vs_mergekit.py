@@ -5,10 +5,10 @@ with per-model weights (and densities), each under /usr/bin/time -v: wall time, 
 resident memory, and how far apart the results are (0.0: the same tensors). Before each run
 the page cache is synced (no dirty output of the other run left to write back) and warmed by a
 read of every input (both tools then read from memory).
-Writes bench/results/streaming_vs_mergekit.json.
+Writes bench/results/streaming_vs_mergekit.json (or --out's name).
 
     python bench/streaming_vs_mergekit.py [--layers 4 --hidden 2048 --vocab 32000] [--work DIR]
-                                          [--repeat 3]
+                                          [--repeat 3] [--out streaming_vs_mergekit]
 """
 import argparse
 import json
@@ -122,6 +122,7 @@ def main():
     p.add_argument("--methods", nargs="+", default=list(CASES))
     p.add_argument("--work", default="/tmp/scoremerge-vs-mergekit")
     p.add_argument("--repeat", type=int, default=3, help="runs of each tool; the median counts")
+    p.add_argument("--out", default="streaming_vs_mergekit", help="bench/results/<out>.json")
     a = p.parse_args()
     work = Path(a.work)
     folders = write_llama_family(work / "models", layers=a.layers, hidden=a.hidden,
@@ -131,7 +132,7 @@ def main():
     for r in rows:
         print(json.dumps(r))
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "streaming_vs_mergekit.json").write_text(json.dumps(
+    (RESULTS / f"{a.out}.json").write_text(json.dumps(
         {**environment("cpu"), "command": " ".join(["python"] + sys.argv),
          "model": {"layers": a.layers, "hidden": a.hidden, "intermediate": a.intermediate,
                    "vocab": a.vocab, "experts": 3, "dtype": "float32"},

@@ -42,7 +42,7 @@ import scoremerge
 from scoremerge import ref
 from scoremerge.ops.linalg import cpu_float32 as mixed
 
-from harness import RESULTS, cpu_model, environment, interleaved, machine_state
+from harness import RESULTS, environment, interleaved, machine_state
 from workloads import task_vectors
 
 BLOCK = {"attn.qkv.weight": (2304, 768), "attn.qkv.bias": (2304,),
@@ -167,7 +167,7 @@ def main():
     env = environment("cpu")
     env["versions"].update({"fusion_bench": importlib.metadata.version("fusion-bench"),
                             "scoremerge": scoremerge.__version__})
-    result = {**env, "cpu": cpu_model(), "dtype": "float32", "blocks": args.blocks,
+    result = {**env, "dtype": "float32", "blocks": args.blocks,
               "rounds": args.rounds, "peer_threads": args.peer_threads,
               "machine_before": before, "machine_after": machine_state(), "rows": rows}
     RESULTS.mkdir(exist_ok=True)
