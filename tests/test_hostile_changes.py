@@ -164,11 +164,14 @@ def test_a_signalled_streaming_merge_keeps_its_shards_and_resumes(ws, tmp_path, 
     before = snapshot(ws.root / "in3")
     hold = tmp_path / "hold"
     hold.touch()
+    # SIGINT at its default in the child: a runner started in the background (`cmd &` in a
+    # script) ignores SIGINT, its children inherit that, and Python then installs no handler
     proc = subprocess.Popen([sys.executable, "-m", "scoremerge", *argv(ws.out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=os.environ | {"PYTHONPATH": f"{site}{os.pathsep}{REPO}",
                                               "SCOREMERGE_TEST_SLOW_PUT": "0.1",
-                                              "SCOREMERGE_TEST_HOLD": str(hold)})
+                                              "SCOREMERGE_TEST_HOLD": str(hold)},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     partial = ws.root / ".out.scoremerge-partial"
     try:
         deadline = time.monotonic() + 60
