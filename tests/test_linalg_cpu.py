@@ -221,7 +221,8 @@ def test_below_the_size_floor_the_float64_route_serves(op, monkeypatch):
 @pytest.mark.parametrize("b,m,n", [(2, 611, 397), (1, 389, 517), (3, 29, 11)])
 def test_the_block_row_gram_matrix_is_symmetric_and_as_accurate_as_the_product(b, m, n, dtype):
     """gram.gram builds X^T X from block rows above _MIN_WIDTH (397 and 517 here; 11 is the
-    plain product): exactly symmetric, within twice the plain product's error of float64."""
+    plain product, mirrored): exactly symmetric, within twice the plain product's error of
+    float64."""
     g = torch.Generator().manual_seed(m + n)
     X = randn(b, m, n, g=g)
     answer = X.mT @ X
