@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from scoremerge.doctor.environment import cpu_name
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -74,7 +76,7 @@ def ceilings(device):
 
 def environment(device):
     dev = torch.device(device)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     try:
         import triton
@@ -102,6 +104,4 @@ def machine_state():
 
 
 def cpu_model():
-    with open("/proc/cpuinfo") as f:
-        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    return f"{names[0]} x {len(names)}" if names else "unknown"
+    return f"{cpu_name()} x {os.cpu_count()}"

@@ -71,10 +71,23 @@ def driver_version():
     return {"version": _cuda_version_text(value.value)}
 
 
+def cpu_name():
+    """The CPU's model name as /proc/cpuinfo gives it ("AMD EPYC"), else platform's word for
+    the machine: records say which CPU their numbers come from (platform.processor() is empty
+    on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
 def device_facts(device):
     if device.type != "cuda":
-        return {"name": platform.processor() or platform.machine(), "type": device.type,
-                "threads": torch.get_num_threads()}
+        return {"name": cpu_name(), "type": device.type, "threads": torch.get_num_threads()}
     props = torch.cuda.get_device_properties(device)
     return {"name": props.name, "type": "cuda", "capability": f"sm_{props.major}{props.minor}",
             "memory_GB": round(props.total_memory / 1e9, 1),
