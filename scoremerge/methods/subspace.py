@@ -1,4 +1,6 @@
 """SCORE and TSV-M, batched over same-shape keys: shared basis from per-task truncated SVDs."""
+import torch
+
 from .. import ops, ref
 from .registry import Option, merge_method
 
@@ -35,6 +37,8 @@ def score(tau, *, variant="full", trim_multiplier=1.96, trim_per_task=True, back
     Ustar, _, Vstar = shared_basis(tau, backend)
     S = ops.project_and_mask(tau, Ustar, Vstar, variant=variant, trim_multiplier=trim_multiplier,
                              trim_per_task=trim_per_task, backend=backend)
+    if variant == "diag":       # S is diagonal: reconstructed from [B, p], with no p x p product
+        S = torch.diagonal(S, dim1=-2, dim2=-1).contiguous()
     return ops.reconstruct(Ustar, S, Vstar, backend=backend)
 
 

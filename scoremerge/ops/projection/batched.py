@@ -9,15 +9,31 @@ def project(tau, Ustar, Vstar):
     return (Ut @ tau) @ Vt if n <= m else Ut @ (tau @ Vt)
 
 
+def project_diagonal(A, Ustar, Vstar):
+    """diag(Ustar^T A Vstar^T) [B, p] for A [B, m, n], without the second p-wide product: row
+    i of Ustar^T A dotted with row i of Vstar (or column i of A Vstar^T with column i of Ustar,
+    the cheaper order)."""
+    m, n = A.shape[-2:]
+    if n <= m:
+        return (Ustar.mT @ A).mul_(Vstar).sum(dim=-1)
+    return (A @ Vstar.mT).mul_(Ustar).sum(dim=-2)
+
+
 def project_and_mask(tau, Ustar, Vstar, variant, trim_multiplier, trim_per_task):
     """S [B, p, p] summed over tasks; see ops.project_and_mask."""
     T = tau.shape[1]
+    if variant in ("untrimmed", "diag"):
+        # these read the projections only through their sum over tasks, and projecting is
+        # linear: one projection of the task sum instead of T (SCORE diag, T = 3, one ViT-B
+        # block: the projection's products drop from T (2mnp + 2p^2 n) to 2mnp)
+        A = tau.sum(dim=1)
+        if variant == "untrimmed":
+            return project(A[:, None], Ustar, Vstar)[:, 0]
+        return torch.diag_embed(project_diagonal(A, Ustar, Vstar))
     M = project(tau, Ustar, Vstar)
-    if variant == "untrimmed":
-        return M.sum(dim=1)
     diag = torch.diagonal(M, dim1=-2, dim2=-1).sum(dim=1)
     p = M.shape[-1]
-    if variant == "diag" or p == 1:
+    if p == 1:
         return torch.diag_embed(diag if variant != "offdiag" else torch.zeros_like(diag))
     O = M                                             # M is ours: its diagonal is zeroed in place
     torch.diagonal(O, dim1=-2, dim2=-1).zero_()
