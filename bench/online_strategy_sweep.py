@@ -37,6 +37,7 @@ from scoremerge.demo.checkpoints import default_cache_dir, trained_models
 from scoremerge.demo.data import rotated_domains, upright_train
 from scoremerge.demo.experiment import demo_config
 from scoremerge.demo.online import BATCH, RECORDS, run_online
+from scoremerge.doctor.environment import cpu_name
 
 TUNING_SEEDS = (10, 11, 12, 13, 14)
 RESULTS = Path(__file__).parent / "results" / "online_strategy_sweep.json"
@@ -128,7 +129,7 @@ def main():
                    + " ".join(["--seeds", *map(str, args.seeds)] + ["--part", *args.part]),
         "environment": {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                         "machine": f"CPU, {os.cpu_count()} cores "
-                                   f"({platform.processor() or platform.machine()})",
+                                   f"({cpu_name()})",
                         "torch": torch.__version__, "python": platform.python_version(),
                         "torch_threads": torch.get_num_threads(),
                         "seconds": round(time.perf_counter() - started)},
