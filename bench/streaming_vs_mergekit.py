@@ -8,7 +8,8 @@ read of every input (both tools then read from memory).
 Writes bench/results/streaming_vs_mergekit.json (or --out's name).
 
     python bench/streaming_vs_mergekit.py [--layers 4 --hidden 2048 --vocab 32000] [--work DIR]
-                                          [--repeat 3] [--out streaming_vs_mergekit]
+                                          [--repeat 3] [--max-memory SIZE]
+                                          [--out streaming_vs_mergekit]
 """
 import argparse
 import json
@@ -83,7 +84,7 @@ def difference(a, b):
                .item() for k in y)
 
 
-def run_case(method, folders, work, repeat):
+def run_case(method, folders, work, repeat, max_memory=None):
     """Both tools on the same config, `repeat` times each, alternating; the median run of each
     (wall time and its peak RSS) is reported, with every time measured."""
     read = folders[1:] if method == "linear" else folders
@@ -98,11 +99,14 @@ def run_case(method, folders, work, repeat):
                                        str(config), str(out_mk), "--allow-crimes"]))
         shutil.rmtree(out_sm, ignore_errors=True)          # outside the timing, as mergekit's
         warm(folders)
+        budget = ["--max-memory", max_memory] if max_memory else []
         runs["scoremerge"].append(timed([sys.executable, "-m", "scoremerge", "merge", "--config",
-                                         str(config), "--out", str(out_sm), "--no-progress"]))
+                                         str(config), "--out", str(out_sm), "--no-progress",
+                                         *budget]))
     (mk_s, mk_rss, _), (sm_s, sm_rss, sm_merge_s) = (sorted(runs[t])[(repeat - 1) // 2]
                                                      for t in runs)
     return {"method": method, "config": yaml.safe_load(config.read_text()),
+            "scoremerge_max_memory": max_memory,
             "inputs_GB": input_bytes / 1e9,
             "runs_s": {t: [r[0] for r in rs] for t, rs in runs.items()},
             # scoremerge's own report of the merge, without the interpreter's start and imports
@@ -122,13 +126,14 @@ def main():
     p.add_argument("--methods", nargs="+", default=list(CASES))
     p.add_argument("--work", default="/tmp/scoremerge-vs-mergekit")
     p.add_argument("--repeat", type=int, default=3, help="runs of each tool; the median counts")
+    p.add_argument("--max-memory", help="scoremerge's --max-memory (default: its own default)")
     p.add_argument("--out", default="streaming_vs_mergekit", help="bench/results/<out>.json")
     a = p.parse_args()
     work = Path(a.work)
     folders = write_llama_family(work / "models", layers=a.layers, hidden=a.hidden,
                                  intermediate=a.intermediate, vocab=a.vocab, experts=3)
     load_before = os.getloadavg()[0]
-    rows = [run_case(m, folders, work, a.repeat) for m in a.methods]
+    rows = [run_case(m, folders, work, a.repeat, a.max_memory) for m in a.methods]
     for r in rows:
         print(json.dumps(r))
     RESULTS.mkdir(exist_ok=True)

@@ -10,9 +10,9 @@ from .backend import requested
 from .errors import MergeInputError, shown
 from .methods import all_methods, get
 from .methods.elementwise import per_task
-from .methods.entrywise import Fused, key_job, plus, run_jobs
+from .methods.entrywise import CPU_CHUNK, Fused, key_job, plus, run_jobs
 from .methods.routing import excluded, shape_groups
-from .parallel import parallel_map
+from .parallel import parallel_map, thread_shares
 from .validate import (all_finite, check_device, check_models, exclude_patterns, finite_number,
                        overflow_error)
 
@@ -85,14 +85,16 @@ def merge(base, experts, method="score", *, weights=None, alpha=1.0, exclude=(),
 
 
 def merge_checked(base, experts, spec, opts, *, alpha, exclude, weights=None, backend="auto",
-                  device=None, dtype=None, progress=False, allow_nonfinite=False, names=None):
+                  device=None, dtype=None, progress=False, allow_nonfinite=False, names=None,
+                  ranked=None):
     """merge() for callers that have checked everything merge() checks (the CLI, each batch of
     a streaming merge): spec and opts from checked_method, weights from checked_weights, alpha
     from checked_alpha, exclude from exclude_patterns, the models' keys, shapes and integer keys
     by check_models. For an
     entrywise method the models' values need no check of their own (methods.entrywise says
     why); otherwise they must have passed check_models' NaN/Inf scan. names: the base's and
-    each expert's, for messages."""
+    each expert's, for messages. ranked: (ranking, start) when the models hold the entries
+    start.. of one key that a method with in_spans has ranked whole (a streaming merge's span)."""
     names = names or ["the base"] + [f"expert {i}" for i in range(len(experts))]
     if spec.on_models and alpha != 1:
         raise MergeInputError(f"method {spec.name!r} averages the experts' weights themselves; "
@@ -100,7 +102,9 @@ def merge_checked(base, experts, spec, opts, *, alpha, exclude, weights=None, ba
     if spec.entrywise and backend != "reference":
         return _merge_entrywise(base, experts, spec, opts, weights, alpha, exclude, device, dtype,
                                 allow_nonfinite, names, progress)
-    if spec.on_models:
+    if ranked is not None:
+        out = _merge_ranked(base, experts, spec, opts, ranked, weights, alpha, device, dtype)
+    elif spec.on_models:
         out = _merge_models(base, experts, spec, opts, weights, exclude, device, dtype)
     else:
         taus = _merge(_task_vectors(base, experts), spec, opts, exclude, backend, device, dtype,
@@ -300,6 +304,53 @@ def _task_vectors(base, experts):
         for tv, expert in zip(out, experts):
             dtype = torch.promote_types(torch.promote_types(b.dtype, expert[key].dtype), torch.float32)
             tv[key] = expert[key].to(dtype) - b.to(device=expert[key].device, dtype=dtype)
+    return out
+
+
+def _merge_ranked(base, experts, spec, opts, ranked, weights, alpha, device, dtype):
+    """{key: merged values} of merge_checked's `ranked` span, with the arithmetic of the whole
+    key's merge (the task vectors stacked in the compute dtype, the merged task vector stored in
+    the first task vector's dtype, then base + alpha * it in the base's dtype), in chunks across
+    the CPU threads: no [T, L] copy of the span is held."""
+    (key, b), = base.items()
+    es = [e[key] for e in experts]
+    cdtype = compute_dtype(dtype, any(x.dtype == torch.float64 for x in (b, *es)))
+    device = check_device(device) if device is not None else b.device
+    w = None if weights is None else torch.tensor(weights, dtype=cdtype, device=device)
+    stored = torch.promote_types(torch.promote_types(b.dtype, es[0].dtype), torch.float32)
+    ranking, start = ranked
+    out = torch.empty_like(b)
+
+    def run(share, chunk):
+        taus = torch.empty(len(es), min(chunk, share[1] - share[0]), dtype=cdtype, device=device)
+        for lo in range(share[0], share[1], chunk):
+            hi = min(share[1], lo + chunk)
+            x = stacked_task_vectors(b[lo:hi], [e[lo:hi] for e in es], cdtype, device,
+                                     out=taus[:, :hi - lo])
+            tau = spec.in_spans.merge({key: x}, ranking, start + lo, opts, weights=w)[key]
+            tau = tau.to(device=b.device, dtype=stored)
+            out[lo:hi] = plus(b[lo:hi].to(stored), tau, alpha)      # cast to the base's dtype
+
+    n = b.numel()
+    if b.device.type == "cpu" and device.type == "cpu":
+        parallel_map(lambda share: run(share, CPU_CHUNK), thread_shares(n, CPU_CHUNK))
+    elif n:
+        run((0, n), n)
+    return {key: out}
+
+
+def stacked_task_vectors(base, experts, dtype, device, out=None):
+    """[T, *shape]: one key's task vectors as a merge stacks them (each difference in float32 or
+    wider, then in the compute dtype on device); base and experts are its tensors. out: where
+    to write them (a [T, *shape] tensor of dtype on device)."""
+    if out is None:
+        out = torch.empty(len(experts), *base.shape, dtype=dtype, device=device)
+    for tau, expert in zip(out, experts):
+        diff = torch.promote_types(torch.promote_types(base.dtype, expert.dtype), torch.float32)
+        if diff == dtype and base.device == device == expert.device:
+            torch.sub(expert.to(diff), base.to(diff), out=tau)     # _task_vectors' arithmetic
+        else:
+            tau.copy_(_task_vectors({"": base}, [{"": expert}])[0][""])
     return out
 
 

@@ -124,8 +124,10 @@ def _add_merge(sub):
                         "of what is free)")
     m.add_argument("--max-memory", metavar="SIZE",
                    help="CPU memory for the streamed batches (default: a quarter of the "
-                        "machine's); mean, linear, task_arithmetic and magmax keep to it "
-                        "whatever the key sizes (TIES and the SVD methods need each key whole)")
+                        "machine's); mean, linear, task_arithmetic, magmax and TIES per "
+                        "tensor keep to it whatever the key sizes (but for trim=exact, which "
+                        "ranks one expert's float32 magnitudes of a key whole; the SVD "
+                        "methods need each key whole)")
     m.add_argument("--stream", action="store_true",
                    help="require the streaming merge (used anyway whenever every input is a "
                         "safetensors checkpoint and the method merges keys independently)")

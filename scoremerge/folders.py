@@ -57,10 +57,13 @@ def _merge_streaming(settings):
         allow_nonfinite=settings.allow_nonfinite, **settings.option)
     seconds = time.perf_counter() - start
     rank = f" (rank {stats['rank']} of {stats['ranks']})" if stats["ranks"] > 1 else ""
+    ranking = f", of which ranking keys in spans {stats['ranking_s']:.1f} s" \
+        if stats["ranking_s"] else ""
     return (f"merged {len(settings.experts)} experts with {settings.method}{rank} in "
             f"{seconds:.2f} s, streaming: {stats['bytes_read'] / 1e9:.2f} GB read (read "
-            f"{stats['read_s']:.1f} s, compute {stats['compute_s']:.1f} s, write {stats['write_s']:.1f} s; "
-            f"{stats['shards_skipped']} shard(s) reused) -> {settings.out}")
+            f"{stats['read_s']:.1f} s, compute {stats['compute_s']:.1f} s{ranking}, write "
+            f"{stats['write_s']:.1f} s; {stats['shards_skipped']} shard(s) reused) -> "
+            f"{settings.out}")
 
 
 def _merge_in_memory(settings):

@@ -34,6 +34,14 @@ def parallel_map(fn, items):
         torch.set_num_threads(threads)
 
 
+def thread_shares(n, smallest):
+    """[(start, stop)]: n entries cut into one contiguous share per CPU thread, fewer where a
+    share would hold less than `smallest` entries (not worth a thread); [] for n = 0."""
+    parts = min(torch.get_num_threads(), -(-n // smallest))
+    bounds = [n * i // parts for i in range(parts + 1)] if n else []
+    return list(zip(bounds, bounds[1:]))
+
+
 def map_batch(fn, *tensors):
     """fn(*tensors) computed over shards of dim 0, one shard per CPU thread (see parallel_map).
 

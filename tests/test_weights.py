@@ -179,7 +179,7 @@ def test_linear_in_chunks_equals_the_whole_key_to_the_bit():
 
 @pytest.mark.parametrize("n", [(1 << 20) + 3, 3_000_001])
 def test_kth_largest_is_kthvalue_exactly(n):
-    from scoremerge.methods.elementwise import kth_largest
+    from scoremerge.methods.ties_ranking import kth_largest
     g = torch.Generator().manual_seed(n)
     cases = [torch.randn(n, generator=g).abs(),                                  # continuous
              torch.randint(0, 7, (n,), generator=g).float(),                     # heavy ties

@@ -4,19 +4,14 @@ Each takes {key: stacked task tensors [T, ...]} in the compute dtype (linear: th
 weights) and returns {key: merged}. Per-expert weights reach mean, TIES and linear as `weights`
 (a [T] tensor, or None for all ones); the other methods get task vectors already scaled by them.
 """
-import math
-
 import torch
 
 from .. import ref
-from ..parallel import parallel_map
+from ..parallel import parallel_map, thread_shares
 from ..validate import all_finite
 from .entrywise import CPU_CHUNK
 from .registry import Option, merge_method
-from .sort_prefix import argsort_prefix_mask, compiled
-
-# kth_largest: from this many entries on, bracket the answer with a sample of about _SAMPLE
-_SAMPLED_SELECTION, _SAMPLE = 1 << 20, 1 << 16
+from .ties_ranking import majority_sign, rank_in_memory, rank_streamed, votes
 
 
 @merge_method("mean", kind="elementwise", entrywise=True, weighted=True,
@@ -88,8 +83,40 @@ def _largest_magnitude(x):
     return best
 
 
+class _TiesInSpans:
+    """TIES per tensor over a key merged span by span (a streaming merge's key larger than its
+    memory budget): the whole key ranked first, reading it again span by span, then each span
+    merged as _ties_scope merges its chunks, to the same bits."""
+
+    @staticmethod
+    def applies(options):
+        return options["scope"] == "tensor"
+
+    @staticmethod
+    def rank(key, read, spans, n, n_tasks, options, weights, dtype, device):
+        """The key's Ranking. read(tasks, start, stop) -> those tasks' task vectors over the
+        entries [start, stop), [len(tasks), stop - start] in the compute dtype `dtype` on
+        `device`; spans: (start, stop) pairs that cover the key's n entries; weights: a [T]
+        tensor in dtype, or None."""
+        ranking = rank_streamed(key, read, spans, n, _densities(options["density"], n_tasks),
+                                options["trim"], dtype, device)
+        zero_sign = options["zero_sign"]
+        if zero_sign != "zero":
+            tasks = list(range(n_tasks))
+            ranking.majority = majority_sign(zero_sign, 0 if zero_sign == "plus" else sum(
+                _chunk_votes(ranking, key, read(tasks, lo, hi), lo, weights)
+                for lo, hi in spans))
+        return ranking
+
+    @staticmethod
+    def merge(taus, ranking, start, options, weights=None):
+        """{key: merged} for taus {key: [T, L]}, the entries start .. start + L of the key."""
+        return {key: _merged_in_chunks(ranking, key, x, start, options["disjoint"], weights)
+                for key, x in taus.items()}
+
+
 @merge_method(
-    "ties", kind="elementwise", weighted=True, reference=ref.methods.ties,
+    "ties", kind="elementwise", weighted=True, reference=ref.methods.ties, in_spans=_TiesInSpans,
     couples_keys=lambda options: None if options["scope"] == "tensor" else (
         "ties with scope=global ranks entries over the whole model (scope='tensor', "
         "--option scope=tensor, ranks them per key)"),
@@ -132,130 +159,19 @@ def _ties_scope(taus, density, disjoint, zero_sign, trim, weights):
     mask), every merged entry depends only on the same entry of the task vectors: the keys are
     merged in cache-sized chunks of entries across the CPU threads, the same arithmetic as on
     the whole key (so the same bits) without its [T, N] temporaries."""
-    trimmed = _trimmer(taus, density, trim)
-    if weights is not None:
-        def kept(key, x, start):
-            return trimmed(key, x, start) * per_task(weights, x)
-    else:
-        kept = trimmed
-
-    majority = None
-    if zero_sign != "zero":         # a first pass, so the kept values are never all held at once
-        votes = 1 if zero_sign == "plus" else \
-            sum(_votes(torch.sign(kept(key, x.flatten(1), 0).sum(dim=0)))
-                for key, x in taus.items())
-        majority = float((votes > 0) - (votes < 0))
-
-    def merge_chunk(key, x, start):
-        k = kept(key, x, start)
-        elected = torch.sign(k.sum(dim=0))
-        if majority is not None:
-            elected = torch.where(elected == 0, majority, elected)
-        agree = (torch.sign(k) == elected) & (k != 0)
-        return _disjoint(k * agree, agree, elected, disjoint, weights)
-
-    merged = {}
-    for key, x in taus.items():
-        flat = x.flatten(1)
-        out = torch.empty(flat.shape[1], dtype=x.dtype, device=x.device)
-
-        def run(span, key=key, flat=flat, out=out):
-            for lo in range(span[0], span[1], CPU_CHUNK):
-                hi = min(span[1], lo + CPU_CHUNK)
-                out[lo:hi] = merge_chunk(key, flat[:, lo:hi], lo)
-
-        n = flat.shape[1]
-        if x.device.type == "cpu":
-            parts = min(torch.get_num_threads(), -(-n // CPU_CHUNK))
-            bounds = [n * i // parts for i in range(parts + 1)] if n else []
-            parallel_map(run, list(zip(bounds, bounds[1:])))
-        else:
-            out[:] = merge_chunk(key, flat, 0)
-        merged[key] = out.view(x.shape[1:])
-    return merged
-
-
-def _trimmer(taus, density, trim):
-    """kept(key, x, start): x [T, L] (the key's entries start .. start + L, flattened) with the
-    entries outside each task's top fraction `density` zeroed, the ranking over every entry of
-    these keys."""
     flat = next(iter(taus.values())).flatten(1) if len(taus) == 1 else \
         torch.cat([x.flatten(1) for x in taus.values()], dim=1)
-    densities = density if isinstance(density, tuple) else (density,) * flat.shape[0]
-    if trim == "threshold":
-        threshold = _thresholds(flat, densities)[:, None]
-
-        def kept(key, x, start):
-            return torch.where(x.abs() >= threshold, x, 0.0)
-        return kept
-    thresholds, masks = _exact_thresholds(flat, densities)
-    thresholds = thresholds[:, None]
     offsets, at = {}, 0
     for key, x in taus.items():
         offsets[key] = at
         at += x[0].numel()
+    ranking = rank_in_memory(flat, _densities(density, flat.shape[0]), trim, offsets)
     del flat
-
-    def kept(key, x, start):
-        # compared in float32, the precision mergekit ranks in, whatever the compute dtype; a
-        # product with the 0/1 mask, as mergekit's, so a dropped negative entry is -0.0 there too
-        keep = x.abs().float() >= thresholds
-        for t, mask in masks.items():
-            keep[t] = mask[offsets[key] + start:offsets[key] + start + x.shape[1]]
-        return x * keep
-    return kept
-
-
-def _exact_thresholds(flat, densities):
-    """Which entries of each row of flat [T, N] mergekit keeps: exactly max(1, int(d_t * N))
-    (all for d_t >= 1), the first of a descending argsort of the float32 magnitudes. Returns
-    (thresholds [T], {t: bool mask [N]}): where the k-th largest magnitude is the only way to
-    pick k entries (no tie across the cut), "magnitude >= threshold" is that very set, found by
-    a selection in O(N) instead of a sort; rows with a tie across the cut take the argsort's
-    own choice (a mask: its order among equal values is the sort's own, found without the sort
-    where that is safe, see sort_prefix). Where the compiled replay runs, every row takes its
-    mask, which costs less than the selection. The rows are ranked in parallel on a CPU."""
-    def rank(t):
-        if densities[t] >= 1:
-            return 0.0, None                              # threshold 0 keeps every entry
-        magnitude = flat[t].abs().float()                # a fresh tensor: scratch
-        keep = max(1, int(densities[t] * magnitude.numel()))
-        if magnitude.device.type == "cpu" and compiled():
-            return 0.0, argsort_prefix_mask(magnitude, keep, scratch=True)
-        threshold = kth_largest(magnitude, keep)
-        if int(torch.count_nonzero(magnitude >= threshold)) == keep:
-            return threshold, None
-        # quantized task vectors (a difference of bf16 or nearby fp32 weights) tie at the cut
-        # almost always
-        return 0.0, argsort_prefix_mask(magnitude, keep, scratch=True)
-
-    ranked = parallel_map(rank, range(flat.shape[0])) if flat.device.type == "cpu" else \
-        [rank(t) for t in range(flat.shape[0])]
-    thresholds = torch.tensor([float(threshold) for threshold, _ in ranked],
-                              dtype=torch.float32, device=flat.device)
-    return thresholds, {t: mask for t, (_, mask) in enumerate(ranked) if mask is not None}
-
-
-def kth_largest(values, k):
-    """The k-th largest of the 1-D tensor `values` (1 <= k <= n), exactly. For large n a
-    strided sample brackets it first, and only the entries inside the bracket are selected from
-    (a few cheap passes instead of one slow full selection: 65M float32 entries, kthvalue
-    1.4 s on this CPU); when the bracket misses, the full selection runs."""
-    n = values.numel()
-    if n >= _SAMPLED_SELECTION:
-        sample = values[::n // _SAMPLE].sort().values
-        s = sample.numel()
-        below = (n - k) / n                             # the fraction under the k-th largest
-        margin = 4.0 / math.sqrt(s)
-        lo = sample[max(0, int((below - margin) * s))]
-        hi = sample[min(s - 1, int((below + margin) * s))]
-        above = int(torch.count_nonzero(values > hi))
-        if above < k:
-            band = values[(values >= lo) & (values <= hi)]
-            need = k - above                            # the need-th largest of the band
-            if need <= band.numel():
-                return band.kthvalue(band.numel() - need + 1).values
-    return values.kthvalue(n - k + 1).values
+    if zero_sign != "zero":         # a first pass, so the kept values are never all held at once
+        ranking.majority = majority_sign(zero_sign, 0 if zero_sign == "plus" else sum(
+            _chunk_votes(ranking, key, x.flatten(1), 0, weights) for key, x in taus.items()))
+    return {key: _merged_in_chunks(ranking, key, x, 0, disjoint, weights)
+            for key, x in taus.items()}
 
 
 def per_task(weights, x):
@@ -263,10 +179,41 @@ def per_task(weights, x):
     return weights.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
 
-def _votes(signs):
-    """Entries electing + minus entries electing -, counted exactly (a float sum of 2^24 or
-    more signs is not)."""
-    return int(torch.count_nonzero(signs > 0)) - int(torch.count_nonzero(signs < 0))
+def _densities(density, n_tasks):
+    return density if isinstance(density, tuple) else (density,) * n_tasks
+
+
+def _chunk_votes(ranking, key, x, start, weights):
+    """The majority vote count of x [T, L], the key's entries start .. start + L."""
+    return votes(torch.sign(ranking.kept(key, x, start, weights).sum(dim=0)))
+
+
+def _merged_in_chunks(ranking, key, x, start, disjoint, weights):
+    """TIES of x [T, ...], the key's entries start .. start + x[0].numel(), ranked: in
+    CPU_CHUNK chunks, spread over the CPU threads."""
+    flat = x.flatten(1)
+    out = torch.empty(flat.shape[1], dtype=x.dtype, device=x.device)
+
+    def run(span):
+        for lo in range(span[0], span[1], CPU_CHUNK):
+            hi = min(span[1], lo + CPU_CHUNK)
+            out[lo:hi] = _merged_chunk(ranking, key, flat[:, lo:hi], start + lo, disjoint,
+                                       weights)
+
+    if x.device.type == "cpu":
+        parallel_map(run, thread_shares(flat.shape[1], CPU_CHUNK))
+    else:
+        out[:] = _merged_chunk(ranking, key, flat, start, disjoint, weights)
+    return out.view(x.shape[1:])
+
+
+def _merged_chunk(ranking, key, x, start, disjoint, weights):
+    k = ranking.kept(key, x, start, weights)
+    elected = torch.sign(k.sum(dim=0))
+    if ranking.majority is not None:
+        elected = torch.where(elected == 0, ranking.majority, elected)
+    agree = (torch.sign(k) == elected) & (k != 0)
+    return _disjoint(k * agree, agree, elected, disjoint, weights)
 
 
 def _disjoint(chosen, agree, elected, how, weights):
@@ -279,11 +226,3 @@ def _disjoint(chosen, agree, elected, how, weights):
         return chosen.sum(dim=0) / agree.sum(dim=0).clamp(min=1)
     divisor = (per_task(weights, chosen) * agree).sum(dim=0)
     return chosen.sum(dim=0) / torch.where(divisor == 0, 1.0, divisor)
-
-
-def _thresholds(flat, densities):
-    """Per task (row of flat [T, N]): the smallest magnitude among its top round(d_t * N)
-    (see ref.methods._magnitude_threshold)."""
-    N = flat.shape[1]
-    return torch.stack([kth_largest(row.abs(), max(1, round(d * N)))
-                        for row, d in zip(flat, densities)])

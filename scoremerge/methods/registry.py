@@ -67,7 +67,10 @@ class MergeMethod:
     base only names the keys). couples_keys: options -> None when each key merges on its own
     under those options, else why not (a streaming or per-key merge then cannot run it).
     on_task_sum: a matrix method that reads the task matrices only through their sum, so it
-    may be given that sum as [B, 1, m, n] in place of [B, T, m, n]."""
+    may be given that sum as [B, 1, m, n] in place of [B, T, m, n]. in_spans: for a method that
+    merges a key entry by entry once a pass over the whole key has ranked it (TIES per tensor),
+    how: applies(options), rank(...) and merge(...) (elementwise._TiesInSpans), so a streaming
+    merge can cut a key larger than its budget into spans."""
     name: str
     kind: str
     summary: str
@@ -81,6 +84,7 @@ class MergeMethod:
     on_models: bool = False
     couples_keys: object = field(default=None, repr=False)
     on_task_sum: bool = False
+    in_spans: object = field(default=None, repr=False)
 
     def coupling(self, options):
         """None when every key merges independently of the others under `options` (parsed),
@@ -128,7 +132,7 @@ def _keyword_defaults(fn):
 
 def merge_method(name, *, kind, summary, paper, reference, options=(), min_tasks=1,
                  entrywise=False, weighted=False, on_models=False, couples_keys=None,
-                 on_task_sum=False):
+                 on_task_sum=False, in_spans=None):
     """Register the decorated function as method `name`."""
     if kind not in ("matrix", "elementwise"):
         raise ValueError(f"method {name!r}: kind must be 'matrix' or 'elementwise', got {kind!r}")
@@ -136,6 +140,9 @@ def merge_method(name, *, kind, summary, paper, reference, options=(), min_tasks
         raise ValueError(f"method {name!r}: only an elementwise method can be entrywise")
     if on_task_sum and kind != "matrix":
         raise ValueError(f"method {name!r}: only a matrix method reads the task sum")
+    if in_spans and (kind != "elementwise" or entrywise):
+        raise ValueError(f"method {name!r}: only an elementwise method that is not entrywise "
+                         "merges in spans after a ranking")
 
     def register(fn):
         if name in _REGISTRY:
@@ -147,7 +154,7 @@ def merge_method(name, *, kind, summary, paper, reference, options=(), min_tasks
                                 f"keyword options {_keyword_defaults(impl)}, declared {declared}")
         _REGISTRY[name] = MergeMethod(name, kind, summary, paper, fn, reference, tuple(options),
                                       min_tasks, entrywise, weighted, on_models, couples_keys,
-                                      on_task_sum)
+                                      on_task_sum, in_spans)
         return fn
     return register
 

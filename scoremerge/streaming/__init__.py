@@ -31,6 +31,7 @@ from ..methods import get
 from ..validate import check_device, check_models, exclude_patterns
 from .pipeline import merge_my_shards
 from .plan import Plan, batch_bytes, check_layouts, open_safetensors, plan_batches
+from .ranked import KeyRankings
 from .resume import fingerprint, finish_all, prepare
 
 
@@ -48,9 +49,11 @@ def merge_checkpoints(base, experts, out, method="score", *, weights=None, alpha
     max_gpu_memory: GPU memory budget for a batch, with its workspace (bytes or "20GB"; default:
     half the free memory). max_memory: the same on the CPU (default: a quarter of the machine's
     memory; batches hold at most 256 MiB of inputs). An entrywise method (mean, linear, task
-    arithmetic, MagMax) splits a key larger than a batch into spans of its entries, so the
-    budget holds whatever the key sizes; other methods need a key whole, and a key larger than
-    the budget is a batch of its own. max_shard_size: output shard size. resume: finish an
+    arithmetic, MagMax) splits a key larger than a batch into spans of its entries, and so does
+    TIES per tensor after a ranking pass over the whole key (streaming.ranked), so the budget
+    holds whatever the key sizes (but for mergekit's exact trim, which ranks one expert's
+    float32 magnitudes of the key whole); the SVD methods need a key whole, and a key larger
+    than the budget is a batch of its own. max_shard_size: output shard size. resume: finish an
     interrupted merge of the same inputs and settings.
     side_files: paths, or (name, path) pairs from io.access.side_files, copied beside the
     weights. Methods must merge keys independently: TIES with scope="global" ranks entries over
@@ -75,13 +78,18 @@ def merge_checkpoints(base, experts, out, method="score", *, weights=None, alpha
                            *(item[1] if isinstance(item, tuple) else item for item in side_files)])
         shards = plan_shards(((k, i.nbytes) for k, i in models[0].infos.items()),
                              parse_size(max_shard_size))
+        # the reference backend runs the literal per-key loop, on whole keys
+        in_spans = spec.in_spans is not None and spec.in_spans.applies(opts) and \
+            backend != "reference"
         batches = plan_batches(models, shards, batch_bytes(device, max_gpu_memory, max_memory),
-                               split=spec.entrywise)
+                               split=spec.entrywise or in_spans)
         meta = output_metadata(settings_metadata(spec.name, opts, weights, alpha, exclude, base,
                                                  experts) | (metadata or {}), shards, side_files)
         plan = Plan(out, models, names, shards, meta,
                     fingerprint(models, meta, backend, device, dtype, shards), world)
-        merge = functools.partial(_merge_batch, spec, opts, names, dict(
+        rankings = KeyRankings(plan, batches, spec, opts, weights, exclude, device, dtype) \
+            if in_spans else None
+        merge = functools.partial(_merge_batch, spec, opts, names, rankings, dict(
             weights=weights, alpha=alpha, exclude=exclude, backend=backend, device=device,
             dtype=dtype, allow_nonfinite=allow_nonfinite))
         with ExitStack() as locked:
@@ -93,11 +101,14 @@ def merge_checkpoints(base, experts, out, method="score", *, weights=None, alpha
                          "rank": world.rank, "ranks": world.size}
 
 
-def _merge_batch(spec, opts, names, settings, tensors):
+def _merge_batch(spec, opts, names, rankings, settings, batch, tensors):
     """One batch: the values checked (NaN, Inf) unless the method checks each output chunk
-    itself (entrywise), then merged by the method already checked."""
-    check_models(tensors, names, values=not spec.entrywise)
-    return api.merge_checked(tensors[0], tensors[1:], spec, opts, names=names, **settings)
+    itself (entrywise) or the ranking of the key checked them, then merged by the method
+    already checked."""
+    ranked = rankings.of(batch) if rankings is not None else None
+    check_models(tensors, names, values=not spec.entrywise and ranked is None)
+    return api.merge_checked(tensors[0], tensors[1:], spec, opts, names=names, ranked=ranked,
+                             **settings)
 
 
 def streaming_refusal(settings):

@@ -62,7 +62,7 @@ def _run(batches, plan, writers, bar, merge, device):
             fetch = reader.submit(_read, batches[i + 1], i + 1, buffers, models, stats, device) \
                 if i + 1 < len(batches) else None
             t0 = time.perf_counter()
-            merged = buffers.unshared(merge(tensors))
+            merged = buffers.unshared(merge(batch, tensors))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)           # so compute_s is the GPU's time
             stats["compute_s"] += time.perf_counter() - t0

@@ -27,7 +27,7 @@ class Plan:
         self.partial = out.parent / f".{out.name}.scoremerge-partial"
         self.done = {}
         self.stats = {"bytes_read": 0, "keys": 0, "read_s": 0.0, "compute_s": 0.0,
-                      "write_s": 0.0}
+                      "write_s": 0.0, "ranking_s": 0.0}
 
 
 class Batch:
