@@ -99,8 +99,9 @@ doctor() {
 }
 # The GPU tests that matter most: ~100 s. The CUDA SVD and polar factor (float64 CPU references
 # of ViT-B-sized matrices dominate), the Triton kernels compiled for real (3xTF32 precision
-# included), both CUDA mix paths, the GPU streaming and online merges against the CPU. Four
-# xdist workers where pytest-xdist is present (the image has it); compile-only tests left out.
+# included), both CUDA mix paths, the GPU streaming (TIES in spans too) and online merges against
+# the CPU. Four xdist workers where pytest-xdist is present (the image has it); compile-only tests
+# left out.
 gpu_tests() {
     local workers=""
     python3 -c "import xdist" 2>/dev/null && workers="-n 4"
@@ -108,6 +109,7 @@ gpu_tests() {
         tests/test_linalg_gpu.py tests/test_triton_kernels.py tests/test_mix.py \
         tests/test_cuda_extension.py \
         tests/test_streaming.py::test_streaming_on_a_gpu_agrees_with_the_cpu \
+        tests/test_ties_in_spans.py::test_on_a_gpu_the_spans_agree_with_the_cpu \
         tests/test_online.py::test_on_a_gpu_the_merger_agrees_with_the_cpu
 }
 # Projection+mask and reconstruction against torch on the 7B layer group: ~45 s. Nine cases, each

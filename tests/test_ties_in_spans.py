@@ -150,3 +150,25 @@ def test_the_reference_backend_merges_whole_keys(tmp_path):
     want = api.merge(base, experts, "ties", scope="tensor", backend="reference")
     got = load_state_dict(tmp_path / "out")
     assert stats["ranking_s"] == 0 and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("options", [{}, {"trim": "exact", "zero_sign": "plus"}])
+def test_on_a_gpu_the_spans_agree_with_the_cpu(tmp_path, options):
+    """Ranked and merged on the GPU (radix selection there; the exact trim by argsort, the
+    compiled replay being CPU code): the same trims, so the same values up to the rounding of
+    the GPU's sums. The integer key is copied as it is."""
+    base = model(0, torch.float32)       # a wrong trim moves entries by ~1e-2, far above this
+    experts = [finetuned(base, s) for s in (1, 2, 3)]
+    paths = [save_state_dict(sd, tmp_path / f"m{i}.safetensors")
+             for i, sd in enumerate([base] + experts)]
+    stats = merge_checkpoints(paths[0], paths[1:], tmp_path / "gpu", "ties", scope="tensor",
+                              device="cuda", max_gpu_memory="16KB", progress=False, **options)
+    assert stats["ranking_s"] > 0
+    got = load_state_dict(tmp_path / "gpu")
+    want = api.merge(base, experts, "ties", scope="tensor", **options)
+    for key in want:
+        assert got[key].dtype == want[key].dtype, key
+        diff = (got[key].double() - want[key].double()).abs().max()
+        assert diff <= 1e-6 * want[key].double().abs().max(), key           # float32 rounding
