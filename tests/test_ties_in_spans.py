@@ -33,6 +33,20 @@ def test_radix_selection_is_the_kth_largest_exactly(dtype, n, span):
         assert got.dtype == dtype and torch.equal(got, torch.stack(want)), keep
 
 
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 4099, 20_000])
+def test_a_packed_mask_reads_back_every_slice(n, monkeypatch):
+    monkeypatch.setattr(ties_ranking.PackedMask, "_PIECE", 64)     # many pieces, one ragged
+    g = torch.Generator().manual_seed(n)
+    mask = torch.rand(n, generator=g) < 0.3
+    packed = ties_ranking.PackedMask(mask)
+    assert packed.bits.numel() == -(-n // 8)
+    bounds = sorted({0, n, *torch.randint(0, n + 1, (20,), generator=g).tolist()})
+    for lo in bounds:
+        for hi in bounds:
+            if lo < hi:
+                assert torch.equal(packed[lo:hi], mask[lo:hi]), (lo, hi)
+
+
 def model(seed, dtype):
     g = torch.Generator().manual_seed(seed)
     return {"embed.weight": torch.randn(301, 23, generator=g).to(dtype),

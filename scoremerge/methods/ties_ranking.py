@@ -16,7 +16,7 @@ magnitudes' bit patterns (non-negative floats order as their bits do as integers
 pass, so two passes over the key in float32, four in float64, in memory of two histograms per
 task. The exact trim's mask needs the sort's order, a function of the whole array, so each task
 in turn has its float32 magnitudes gathered whole (4 bytes per entry) and keeps a mask of its
-kept entries (1 byte per entry).
+kept entries (one bit per entry, PackedMask).
 """
 import math
 
@@ -33,8 +33,8 @@ _BITS = {torch.float32: (torch.int32, 32), torch.float64: (torch.int64, 64)}
 
 class Ranking:
     """The trim of each task over a scope of keys laid end to end (offsets: where each key
-    starts): per task a magnitude threshold, or for a task in masks a keep mask over the whole
-    scope; exact: magnitudes compared in float32 and trimmed entries multiplied by 0 (mergekit's
+    starts): per task a magnitude threshold, or for a task in masks a keep mask (PackedMask)
+    over the whole scope; exact: magnitudes compared in float32 and trimmed entries multiplied by 0 (mergekit's
     arithmetic), else compared in the compute dtype and replaced by 0.0. majority: the sign an
     entry whose kept values sum to zero elects (None: it elects none)."""
 
@@ -105,20 +105,45 @@ def rank_streamed(key, read, spans, n, densities, trim, dtype, device):
 
 
 def exact_rank(magnitude, keep):
-    """(threshold, None), or (0.0, mask) where a threshold cannot say it: which of the float32
+    """(threshold, None), or (0.0, PackedMask) where a threshold cannot say it: which of the float32
     magnitudes (a fresh 1-D tensor, used as scratch) mergekit keeps, exactly `keep` of them, the
     first of a descending argsort. Where the k-th largest is the only way to pick k entries (no
     tie across the cut), "magnitude >= threshold" is that very set, found by a selection in O(N)
     instead of a sort; a tie across the cut takes the argsort's own choice (sort_prefix). Where
     the compiled replay runs, every task takes its mask, which costs less than the selection."""
     if magnitude.device.type == "cpu" and compiled():
-        return 0.0, argsort_prefix_mask(magnitude, keep, scratch=True)
+        return 0.0, PackedMask(argsort_prefix_mask(magnitude, keep, scratch=True))
     threshold = kth_largest(magnitude, keep)
     if int(torch.count_nonzero(magnitude >= threshold)) == keep:
         return threshold, None
     # quantized task vectors (a difference of bf16 or nearby fp32 weights) tie at the cut
     # almost always
-    return 0.0, argsort_prefix_mask(magnitude, keep, scratch=True)
+    return 0.0, PackedMask(argsort_prefix_mask(magnitude, keep, scratch=True))
+
+
+class PackedMask:
+    """A bool mask of n entries at one bit per entry, an eighth of torch.bool's memory; packed
+    and read in pieces, so that no byte-per-entry temporary of the whole mask is made."""
+    _PIECE = 1 << 23                    # entries packed at once (a multiple of 8)
+
+    def __init__(self, mask):
+        self.n = mask.numel()
+        shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
+        self.bits = torch.empty(-(-self.n // 8), dtype=torch.uint8, device=mask.device)
+        for lo in range(0, self.n, self._PIECE):
+            piece = mask[lo:lo + self._PIECE].to(torch.uint8)
+            if piece.numel() % 8:
+                piece = torch.cat([piece, piece.new_zeros(8 - piece.numel() % 8)])
+            self.bits[lo // 8:lo // 8 + piece.numel() // 8] = \
+                (piece.view(-1, 8) << shifts).sum(1, dtype=torch.uint8)
+
+    def __getitem__(self, entries):
+        """The bool mask of entries[start:stop] (a slice with both ends given)."""
+        lo, hi = entries.start, entries.stop
+        first = lo // 8
+        shifts = torch.arange(8, dtype=torch.uint8, device=self.bits.device)
+        unpacked = (self.bits[first:-(-hi // 8), None] >> shifts) & 1
+        return unpacked.view(-1)[lo - 8 * first:hi - 8 * first].bool()
 
 
 def _exact_ranking(ranked, offsets, device):
