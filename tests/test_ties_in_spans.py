@@ -139,8 +139,11 @@ def test_an_excluded_key_larger_than_the_budget_takes_the_mean_in_spans(checkpoi
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_a_bad_value_found_while_ranking_is_named_and_nothing_is_left(tmp_path, bad):
+@pytest.mark.parametrize("bad, options", [
+    (float("nan"), {}), (float("inf"), {"trim": "exact"}),
+    # the ranking reads no expert that keeps every entry: the span's own check names it
+    (float("nan"), {"trim": "exact", "density": [0.3, 1.0]})])
+def test_a_bad_value_is_named_and_nothing_is_left(tmp_path, bad, options):
     base = model(0, torch.float32)
     experts = [finetuned(base, s) for s in (1, 2)]
     experts[1]["embed.weight"][250, 3] = bad                     # in the key's last spans
@@ -149,7 +152,7 @@ def test_a_bad_value_found_while_ranking_is_named_and_nothing_is_left(tmp_path, 
     with pytest.raises(MergeInputError, match=r"embed\.weight.*m2\.safetensors.*contains "
                        + ("NaN" if bad != bad else "Inf")):
         merge_checkpoints(paths[0], paths[1:], tmp_path / "out", "ties", scope="tensor",
-                          progress=False, max_memory="8KB")
+                          progress=False, max_memory="8KB", **options)
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"m{i}.safetensors" for i in range(3)]
 
 

@@ -103,10 +103,11 @@ def merge_checkpoints(base, experts, out, method="score", *, weights=None, alpha
 
 def _merge_batch(spec, opts, names, rankings, settings, batch, tensors):
     """One batch: the values checked (NaN, Inf) unless the method checks each output chunk
-    itself (entrywise) or the ranking of the key checked them, then merged by the method
-    already checked."""
+    itself (entrywise), then merged by the method already checked. (A ranked key's values are
+    checked by its ranking as well, before it uses them; the ranking need not read every
+    expert: mergekit's trim reads none of one that keeps all its entries.)"""
     ranked = rankings.of(batch) if rankings is not None else None
-    check_models(tensors, names, values=not spec.entrywise and ranked is None)
+    check_models(tensors, names, values=not spec.entrywise)
     return api.merge_checked(tensors[0], tensors[1:], spec, opts, names=names, ranked=ranked,
                              **settings)
 
