@@ -34,9 +34,9 @@ _BITS = {torch.float32: (torch.int32, 32), torch.float64: (torch.int64, 64)}
 class Ranking:
     """The trim of each task over a scope of keys laid end to end (offsets: where each key
     starts): per task a magnitude threshold, or for a task in masks a keep mask (PackedMask)
-    over the whole scope; exact: magnitudes compared in float32 and trimmed entries multiplied by 0 (mergekit's
-    arithmetic), else compared in the compute dtype and replaced by 0.0. majority: the sign an
-    entry whose kept values sum to zero elects (None: it elects none)."""
+    over the whole scope. exact: magnitudes compared in float32 and trimmed entries multiplied
+    by 0 (mergekit's arithmetic), else compared in the compute dtype and replaced by 0.0.
+    majority: the sign an entry whose kept values sum to zero elects (None: it elects none)."""
 
     def __init__(self, thresholds, masks, offsets, exact, majority=None):
         self.thresholds, self.masks, self.offsets = thresholds[:, None], masks, offsets
@@ -157,7 +157,7 @@ def kth_largest(values, k):
     """The k-th largest of the 1-D tensor `values` (1 <= k <= n), exactly. For large n a
     strided sample brackets it first, and only the entries inside the bracket are selected from
     (a few cheap passes instead of one slow full selection: 65M float32 entries, kthvalue
-    1.4 s on this CPU); when the bracket misses, the full selection runs."""
+    1.4 s on the 2-core Xeon); when the bracket misses, the full selection runs."""
     n = values.numel()
     if n >= _SAMPLED_SELECTION:
         sample = values[::n // _SAMPLE].sort().values
