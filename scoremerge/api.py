@@ -108,7 +108,7 @@ def merge_checked(base, experts, spec, opts, *, alpha, exclude, weights=None, ba
         out = _merge_models(base, experts, spec, opts, weights, exclude, device, dtype)
     else:
         taus = _merge(_task_vectors(base, experts), spec, opts, exclude, backend, device, dtype,
-                      progress, weights)
+                      progress, weights, owned=True)
         out = {}
         for key, b in base.items():
             if key in taus:
@@ -374,11 +374,13 @@ def compute_dtype(dtype, wide):
     return resolved
 
 
-def _merge(tvs, spec, opts, exclude, backend, device, dtype, progress, weights=None):
+def _merge(tvs, spec, opts, exclude, backend, device, dtype, progress, weights=None,
+           owned=False):
     """Merge validated task vectors: matrix groups batched by shape, the rest per the method,
     and every key the method leaves by the mean path; the weights as merge_task_vectors
-    defines them."""
-    stack = _Stack(tvs, weights, device, dtype)
+    defines them. owned: tvs were made for this merge (not the caller's), so each key's task
+    vectors are dropped from them once stacked."""
+    stack = _Stack(tvs, weights, device, dtype, owned)
     if backend == "reference":
         merged = ref.merge_task_vectors(
             [{k: tv[k].to(stack.device, stack.dtype) for k in stack.keys} for tv in tvs],
@@ -401,10 +403,13 @@ def _merge(tvs, spec, opts, exclude, backend, device, dtype, progress, weights=N
 class _Stack:
     """One merge's validated task vectors, stacked key by key on the compute device in the
     compute dtype (scaled by the weights, unless the method takes them itself), and the merged
-    keys, stored back in each key's dtype on the inputs' device."""
+    keys, stored back in each key's dtype on the inputs' device. owned: the task vectors are
+    this merge's own, and a key's are dropped once copied into a stack or a sum, so a merge
+    holds them about once, not twice (each key is stacked once)."""
 
-    def __init__(self, tvs, weights, device, dtype):
+    def __init__(self, tvs, weights, device, dtype, owned=False):
         self.tvs, self.weights, self.keys, self.out = tvs, weights, list(tvs[0]), {}
+        self.owned, self.dtypes = owned, {key: tvs[0][key].dtype for key in self.keys}
         self.home = next(iter(tvs[0].values())).device if tvs[0] else torch.device("cpu")
         self.device = check_device(device) if device is not None else self.home
         self.dtype = compute_dtype(dtype, any(x.dtype == torch.float64
@@ -420,6 +425,7 @@ class _Stack:
         x = x.view(len(keys), len(self.tvs), *x.shape[1:])
         if scaled and self.weights is not None:
             _scaled_by_task(x.transpose(0, 1), self.weights, in_place=True)
+        self._release(keys)
         return x
 
     def summed_group(self, keys):
@@ -434,10 +440,17 @@ class _Stack:
                 acc.mul_(w[0])
             for tv, w_t in zip(self.tvs[1:], w[1:]):
                 acc.add_(tv[key].to(device=self.device, dtype=self.dtype), alpha=w_t)
+        self._release(keys)
         return x
 
+    def _release(self, keys):
+        if self.owned:
+            for tv in self.tvs:
+                for key in keys:
+                    del tv[key]
+
     def store(self, key, value):
-        self.out[key] = value.to(device=self.home, dtype=self.tvs[0][key].dtype)
+        self.out[key] = value.to(device=self.home, dtype=self.dtypes[key])
 
     def result(self):
         return {key: self.out[key] for key in self.keys}
