@@ -34,6 +34,20 @@ def test_merge_is_base_plus_alpha_tau_and_keeps_dtypes():
     assert torch.equal(merged["position_ids"], base["position_ids"])
 
 
+@pytest.mark.parametrize("method", ["score", "ties", "iso_c", "mean"])
+def test_the_callers_task_vectors_are_left_as_they_were(method):
+    """A merge drops the task vectors it made itself once they are stacked; the caller's stay."""
+    tvs = random_task_vectors(SHAPES, 3, seed=2, dtype=torch.float32)
+    kept = [dict(tv) for tv in tvs]
+    scoremerge.merge_task_vectors(tvs, method)
+    assert all(tv.keys() == k.keys() and all(tv[key] is k[key] for key in tv)
+               for tv, k in zip(tvs, kept))
+    base, experts = models()
+    before = [dict(e) for e in experts]
+    scoremerge.merge(base, experts, method)
+    assert all(e.keys() == b.keys() for e, b in zip(experts, before))
+
+
 def test_task_vectors_are_at_least_float32():
     base, experts = models(dtype=torch.bfloat16)
     tvs = scoremerge.task_vectors(base, experts)
