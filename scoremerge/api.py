@@ -302,9 +302,14 @@ def _task_vectors(base, experts):
         if not b.is_floating_point():
             continue
         for tv, expert in zip(out, experts):
-            dtype = torch.promote_types(torch.promote_types(b.dtype, expert[key].dtype), torch.float32)
+            dtype = _tau_dtype(b, expert[key])
             tv[key] = expert[key].to(dtype) - b.to(device=expert[key].device, dtype=dtype)
     return out
+
+
+def _tau_dtype(base, expert):
+    """The dtype of expert - base as a task vector: float32 or wider."""
+    return torch.promote_types(torch.promote_types(base.dtype, expert.dtype), torch.float32)
 
 
 def _merge_ranked(base, experts, spec, opts, ranked, weights, alpha, device, dtype):
@@ -317,7 +322,7 @@ def _merge_ranked(base, experts, spec, opts, ranked, weights, alpha, device, dty
     cdtype = compute_dtype(dtype, any(x.dtype == torch.float64 for x in (b, *es)))
     device = check_device(device) if device is not None else b.device
     w = None if weights is None else torch.tensor(weights, dtype=cdtype, device=device)
-    stored = torch.promote_types(torch.promote_types(b.dtype, es[0].dtype), torch.float32)
+    stored = _tau_dtype(b, es[0])
     ranking, start = ranked
     out = torch.empty_like(b)
 
@@ -346,7 +351,7 @@ def stacked_task_vectors(base, experts, dtype, device, out=None):
     if out is None:
         out = torch.empty(len(experts), *base.shape, dtype=dtype, device=device)
     for tau, expert in zip(out, experts):
-        diff = torch.promote_types(torch.promote_types(base.dtype, expert.dtype), torch.float32)
+        diff = _tau_dtype(base, expert)
         if diff == dtype and base.device == device == expert.device:
             torch.sub(expert.to(diff), base.to(diff), out=tau)     # _task_vectors' arithmetic
         else:

@@ -56,13 +56,18 @@ class KeyRankings:
         pieces = [(lo, min(n, lo + piece)) for lo in range(0, n, piece)]
         raw = [torch.empty(piece, dtype=info.dtype) for info in infos]
         taus = torch.empty(len(infos) - 1, piece, dtype=dtype, device=self.device)
+        checked = set()                 # (model, start): a piece's values are scanned once
 
         def read(tasks, start, stop):
             chosen = [0] + [1 + t for t in tasks]
             spans = [{key: self.models[m].read(key, start, stop, out=raw[m][:stop - start])}
                      for m in chosen]
             self.stats["bytes_read"] += sum(s[key].nbytes for s in spans)
-            check_models(spans, [self.names[m] for m in chosen])      # NaN and Inf, named
+            fresh = [i for i, m in enumerate(chosen) if (m, start) not in checked]
+            # NaN and Inf, named, before any value is used (the span merge checks again)
+            if fresh:
+                check_models([spans[i] for i in fresh], [self.names[chosen[i]] for i in fresh])
+                checked.update((chosen[i], start) for i in fresh)
             return api.stacked_task_vectors(spans[0][key], [s[key] for s in spans[1:]], dtype,
                                             self.device, out=taus[:len(tasks), :stop - start])
 
