@@ -2,7 +2,8 @@
 
     python bench/svd_cpu_vs_peers.py [--blocks 1] [--tasks 3 4 8] [--rounds 2]
         [--methods score score_diag score_offdiag score_untrimmed tsv iso_c iso_cts]
-        [--peer-threads 1 2] [--previous-for score tsv iso_c iso_cts] [--out svd_cpu_vs_peers]
+        [--peer-threads 1 2] [--previous-for score tsv iso_c iso_cts]
+        [--previous mkl_products|float64_gram] [--out svd_cpu_vs_peers]
 
 Task vectors: ViT-B/16-shaped blocks (qkv 2304x768, proj 768x768, fc1 3072x768, fc2 768x3072 and
 their biases and norms), low-rank-plus-noise updates in float32 (bench/test_merge_cpu.py's
@@ -17,9 +18,11 @@ per-key algorithm (scoremerge.ref: full torch.linalg.svd per task, polar factors
 rival runs at every thread count of --peer-threads (1 first: on this machine, shared and loaded,
 torch's default of 2 threads ran FusionBench's TSV-M 8x slower, 102 s against 12.4 s); the ratio
 that counts is against the fastest of them. scoremerge runs as users call it
-(merge_task_vectors, backend auto);
-"previous" is the same call with the float64 Gram route this CPU algorithm replaced, for the
-gain of the change itself (for the methods of --previous-for).
+(merge_task_vectors, backend auto; the record names the library its float32 CPU products
+took, ops/cpu_matmul.py). "previous" is the same call with an earlier design, for the gain of
+a change itself (for the methods of --previous-for): --previous mkl_products (the default) with
+every product in torch's MKL, float64_gram with the float64 Gram route the float32 CPU route
+replaced. Rows name theirs in previous_route; records without that field took float64_gram.
 
 Error: the largest relative Frobenius error of a merged key against the float64 answer of the
 same algorithm (scoremerge.ref in float64 for scoremerge and the authors' algorithm,
@@ -40,6 +43,7 @@ from fusion_bench.method.task_singular_vector.utils.TSVM_utils import \
 
 import scoremerge
 from scoremerge import ref
+from scoremerge.ops import cpu_matmul
 from scoremerge.ops.linalg import cpu_float32 as mixed
 
 from harness import RESULTS, environment, interleaved, machine_state
@@ -85,8 +89,8 @@ def on_threads(fn, threads):
 
 
 @contextlib.contextmanager
-def previous_route():
-    """scoremerge with the float64 Gram route on the CPU (the route before this algorithm)."""
+def float64_gram():
+    """scoremerge with the float64 Gram route on the CPU (the route before the float32 one)."""
     applies = mixed.applies
     mixed.applies = lambda A: False
     try:
@@ -95,12 +99,26 @@ def previous_route():
         mixed.applies = applies
 
 
+@contextlib.contextmanager
+def mkl_products():
+    """scoremerge with every float32 CPU product in torch's MKL (before ops/cpu_matmul.py)."""
+    chosen = cpu_matmul.library()
+    cpu_matmul._chosen = "mkl"
+    try:
+        yield
+    finally:
+        cpu_matmul._chosen = chosen
+
+
+PREVIOUS = {"mkl_products": mkl_products, "float64_gram": float64_gram}
+
+
 def worst_error(got, answer):
     return max(((got[k].double() - answer[k].double()).norm() / answer[k].double().norm()).item()
                for k in answer if answer[k].double().norm() > 0)
 
 
-def measure(name, T, blocks, rounds, peer_threads, with_previous):
+def measure(name, T, blocks, rounds, peer_threads, previous_route):
     method, opts, rival_name, rival = METHODS[name]
     tv64 = task_vectors(shapes(blocks), T=T)
     tv32 = [{k: v.float() for k, v in tv.items()} for tv in tv64]
@@ -109,11 +127,11 @@ def measure(name, T, blocks, rounds, peer_threads, with_previous):
         return scoremerge.merge_task_vectors(tv32, method, **opts)
 
     def previous():
-        with previous_route():
+        with PREVIOUS[previous_route]():
             return ours()
 
     rivals = [on_threads(lambda: rival(tv32), n) for n in peer_threads]
-    timed = [ours, previous] if with_previous else [ours]
+    timed = [ours, previous] if previous_route else [ours]
     # untimed work on one thread: under this machine's load torch's LAPACK calls ran up to 8x
     # faster on one thread than on two (the incumbents' timings show it)
     answer = on_threads(lambda: ref.merge_task_vectors(tv64, method, **opts), 1)()
@@ -130,8 +148,9 @@ def measure(name, T, blocks, rounds, peer_threads, with_previous):
            "ratio": min(rival_times) / mine[0], "err_scoremerge": worst_error(ours(), answer),
            "err_rival": worst_error(on_threads(lambda: rival(tv32), 1)(), rival_answer)}
     row["error_ratio"] = row["err_scoremerge"] / row["err_rival"]
-    if with_previous:
-        row.update(previous_route_s=mine[1], ratio_vs_previous_route=mine[1] / mine[0],
+    if previous_route:
+        row.update(previous_route=previous_route, previous_route_s=mine[1],
+                   ratio_vs_previous_route=mine[1] / mine[0],
                    err_previous_route=worst_error(previous(), answer))
     shown = " ".join(f"{n}t {t:7.2f} s" for n, t in zip(peer_threads, rival_times))
     print(f"{name:16s} T={T} scoremerge {mine[0]:7.2f} s  previous "
@@ -158,16 +177,19 @@ def main():
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--peer-threads", type=int, nargs="+", default=[1, torch.get_num_threads()])
     parser.add_argument("--previous-for", nargs="*", default=["score", "tsv", "iso_c", "iso_cts"],
-                        help="methods also timed with the float64 Gram route this one replaced")
+                        help="methods also timed with the earlier design of --previous")
+    parser.add_argument("--previous", default="mkl_products", choices=list(PREVIOUS))
     parser.add_argument("--out", default="svd_cpu_vs_peers")
     args = parser.parse_args()
     before = machine_state()
-    rows = [measure(name, T, args.blocks, args.rounds, args.peer_threads, name in args.previous_for)
+    rows = [measure(name, T, args.blocks, args.rounds, args.peer_threads,
+                    args.previous if name in args.previous_for else None)
             for T in args.tasks for name in args.methods]
     env = environment("cpu")
     env["versions"].update({"fusion_bench": importlib.metadata.version("fusion-bench"),
                             "scoremerge": scoremerge.__version__})
-    result = {**env, "dtype": "float32", "blocks": args.blocks,
+    result = {**env, "cpu_matmul": cpu_matmul.chosen_by(), "dtype": "float32",
+              "blocks": args.blocks,
               "rounds": args.rounds, "peer_threads": args.peer_threads,
               "machine_before": before, "machine_after": machine_state(), "rows": rows}
     RESULTS.mkdir(exist_ok=True)

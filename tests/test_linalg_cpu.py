@@ -6,6 +6,7 @@ import torch
 
 import scoremerge
 from scoremerge import ops, ref
+from scoremerge.ops import cpu_matmul
 from scoremerge.ops.linalg import cpu_float32 as mixed
 from scoremerge.ops.linalg import gram64
 from scoremerge.ops.linalg.gram import gram
@@ -13,11 +14,18 @@ from scoremerge.ops.linalg.gram import gram
 from conftest import rel_err
 
 
-@pytest.fixture(autouse=True)
-def small_shapes_take_this_route(monkeypatch):
+@pytest.fixture(autouse=True, params=cpu_matmul.LIBRARIES)
+def small_shapes_take_this_route(request, monkeypatch):
     """The route serves min(m, n) >= mixed._MIN_SIZE only (below, the float64 Gram route is as
-    fast); these tests use small shapes, so the floor is lowered to test the route itself."""
+    fast); these tests use small shapes, so the floor is lowered to test the route itself. Each
+    test runs with either library behind the route's float32 products (cpu_matmul.py), every
+    product taken, however small."""
     monkeypatch.setattr(mixed, "_MIN_SIZE", 1)
+    if request.param == "onednn" and not cpu_matmul._onednn_works():
+        pytest.skip("this torch has no working oneDNN linear op")
+    monkeypatch.setattr(cpu_matmul, "_chosen", request.param)
+    monkeypatch.setattr(cpu_matmul, "_MIN_WORK", 0)
+    monkeypatch.setattr(cpu_matmul, "_MIN_ROWS", 0)
 
 
 def orthonormal(m, r, g):

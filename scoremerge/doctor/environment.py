@@ -26,7 +26,7 @@ def environment(device):
             "torch": torch.__version__, "torch_cuda": torch.version.cuda,
             "triton": triton_status(), "cupy": cupy_status(), "cuda_driver": driver_version(),
             "device": device_facts(device), "extension": extension_status(device),
-            "cpu_extension": cpu_extension_status(),
+            "cpu_extension": cpu_extension_status(), "cpu_matmul": cpu_matmul_status(),
             "cusolver_batched_eigh": cusolver_status(device), "nvrtc": nvrtc_status(),
             "cuda_mix_path": cuda_mix_path(device)}
 
@@ -107,6 +107,17 @@ def cpu_extension_status():
     return {"built": True, "ties_ranking": sort_prefix.compiled(),
             "fused_entrywise": api._fused(get("task_arithmetic"), {}, None, 0.5, 3) is not None
             and api._fused(get("linear"), {"normalize": True}, None, 1.0, 3) is not None}
+
+
+def cpu_matmul_status():
+    """Which library the SVD routes' large float32 CPU products use here (ops/cpu_matmul.py), and
+    whether it was measured or set by SCOREMERGE_CPU_MATMUL; a bad setting is named."""
+    from ..errors import MergeInputError
+    from ..ops import cpu_matmul
+    try:
+        return {"library": cpu_matmul.library(), "chosen_by": cpu_matmul.chosen_by()}
+    except MergeInputError as e:
+        return {"library": None, "note": str(e)}
 
 
 def extension_status(device):

@@ -29,6 +29,9 @@ def environment_lines(env):
                      "nothing (its results differ from torch's here)"))
     else:
         lines.append(f"  scoremerge._cpu: not built{_note(cpu)}")
+    gemm = env["cpu_matmul"]
+    lines.append(f"  float32 CPU products of the SVD routes: "
+                 f"{gemm['chosen_by'] if gemm['library'] else 'unset'}{_note(gemm)}")
     eigh, nvrtc = env["cusolver_batched_eigh"], env["nvrtc"]
     lines.append(f"  cuSOLVER batched eigensolver: {'found' if eigh['found'] else 'not found'}"
                  f"{_note(eigh)}")

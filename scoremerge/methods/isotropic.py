@@ -2,6 +2,7 @@
 import torch
 
 from .. import ops, ref
+from ..ops.cpu_matmul import matmul
 from .registry import Option, merge_method
 
 ISO_PAPER = "Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and " \
@@ -31,7 +32,11 @@ def iso_cts(tau, *, common_space_fraction=0.8, backend="auto"):
     Us, ss, Vhs = [], [], []                     # task blocks first, the common block last
     common = ops.truncated_svd(tau.sum(dim=1), c, backend=backend) if c else None
     if n_t:
-        residual = tau if common is None else tau - common[0][:, None] @ (common[0].mT[:, None] @ tau)
+        if common is None:
+            residual = tau
+        else:
+            Uc = common[0][:, None]
+            residual = tau - matmul(Uc, matmul(Uc.mT, tau))
         U, s, Vh = ops.truncated_svd(residual, n_t, backend=backend)
         Us.append(U.permute(0, 2, 1, 3).reshape(B, m, T * n_t))
         ss.append(s.reshape(B, T * n_t))

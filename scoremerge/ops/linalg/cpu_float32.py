@@ -28,6 +28,7 @@ and moved the merged model's error from 0.2-0.5x to 0.3-0.5x of the reference's 
 import torch
 
 from ...parallel import map_batch
+from ..cpu_matmul import matmul
 from . import gram64
 from .gram import gram
 
@@ -112,23 +113,23 @@ def _refined_svd(X, k, l):
     if not (w[:, 0] <= _KAPPA_NO_STEP**2 * w[:, k - 1]).all():
         # X^T X Z / w: Z again, sharpened by s^2 / s_l^2; the division keeps columns O(1)
         scale = torch.where(ok[:, None], w[:, :l], 1.0)[:, None, :]
-        Z = torch.nan_to_num(X.mT @ (X @ Z) / scale)
+        Z = torch.nan_to_num(matmul(X.mT, matmul(X, Z)) / scale)
     # re-orthonormalised in float64 even without the step: the float32 eigensolver's vectors
     # are orthonormal to ~3e-6 only (||Z^T Z - I||, 3072 x 768), and taking them as they are
     # raised SCORE's error from 1.5e-3 to 4.5e-3 (T = 4, one ViT-B block, measured)
     basis, independent = _cholqr64(Z)
-    B = X @ basis.float()
+    B = matmul(X, basis.float())
     # B's columns are nearly orthogonal, so float32 rounds each entry of B^T B relative to
     # |b_i| |b_j|, not to s_1^2; the float64 eigensolver then keeps that relative accuracy
     w2, W = _eigh_descending(gram(B).double())
     s = w2[:, :k].clamp_min(0).sqrt()
     ok &= independent & (s[:, -1] * gram64._MAX_KAPPA > s[:, 0])
     inv_s = (1.0 / torch.where(ok[:, None], s, 1.0)).float()
-    U = (B @ W[..., :k].float()) * inv_s[:, None, :]
+    U = matmul(B, W[..., :k].float()) * inv_s[:, None, :]
     # V from U (X^T U / s), not from the basis: one more product with X shrinks V's error
     # outside the top-k subspace by s_j / s_k, the error that the polar factor of a nearly
     # singular concatenation (SCORE's square side) amplifies most
-    return U, s.float(), (X.mT @ U) * inv_s[:, None, :], ok
+    return U, s.float(), matmul(X.mT, U) * inv_s[:, None, :], ok
 
 
 def _direct_svd(X):
@@ -145,7 +146,8 @@ def _direct_svd(X):
         w, Q = _eigh_descending(G[some])
         good = torch.isfinite(w).all(-1) & (w[:, 0] <= _KAPPA_DIRECT**2 * w[:, -1])
         root = torch.where(good[:, None], w, 1.0).clamp_min(1e-30).sqrt()
-        U[some] = X[some] @ _polished(Q / root[:, None, :], G[some], root[:, 0] / root[:, -1])
+        R = _polished(Q / root[:, None, :], G[some], root[:, 0] / root[:, -1])
+        U[some] = matmul(X[some], R)
         s[some], V[some] = root, Q
         ok = ok.masked_scatter(ok, good)
     return U, s, V, ok
@@ -162,7 +164,7 @@ def _polished(R, G, kappa):
     if rough.any():
         some = slice(None) if rough.all() else rough
         Rr = R[some]
-        R[some] = 1.5 * Rr - 0.5 * (Rr @ (Rr.mT @ (G[some] @ Rr)))
+        R[some] = 1.5 * Rr - 0.5 * matmul(Rr, matmul(Rr.mT, matmul(G[some], Rr)))
     return R
 
 
@@ -213,8 +215,9 @@ def _polar32(A, tall):
         good = torch.isfinite(w).all(-1) & (w[:, -1] <= _KAPPA_DIRECT**2 * w[:, 0])
         w = torch.where(good[:, None], w, 1.0).clamp_min(1e-30)
         # P = A W (tall), or its transpose's, W A (wide): W = G^(-1/2) either way
-        W = _polished((Q * w.rsqrt()[:, None, :]) @ Q.mT, G[some], (w[:, -1] / w[:, 0]).sqrt())
-        out[some] = A[some] @ W if tall else W.mT @ A[some]
+        W = _polished(matmul(Q * w.rsqrt()[:, None, :], Q.mT), G[some],
+                      (w[:, -1] / w[:, 0]).sqrt())
+        out[some] = matmul(A[some], W) if tall else matmul(W.mT, A[some])
         ok = ok.masked_scatter(ok, good)
     return out, ok
 
@@ -222,7 +225,7 @@ def _polar32(A, tall):
 def polar_reference(X):
     """The reference's polar factor (naive.polar): P Q from float32 SVD X = P S Q."""
     P, _, Q = torch.linalg.svd(X, full_matrices=False)
-    return P @ Q
+    return matmul(P, Q)
 
 
 def polar(A):

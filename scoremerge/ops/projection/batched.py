@@ -1,12 +1,14 @@
 """SCORE's masked projection and the reconstruction for a batch of same-shape keys, in torch."""
 import torch
 
+from ..cpu_matmul import matmul
+
 
 def project(tau, Ustar, Vstar):
     """M [B, T, p, p] = Ustar^T tau_t Vstar^T, multiplied in the cheaper order."""
     Ut, Vt = Ustar.mT.unsqueeze(1), Vstar.mT.unsqueeze(1)
     m, n = tau.shape[-2:]
-    return (Ut @ tau) @ Vt if n <= m else Ut @ (tau @ Vt)
+    return matmul(matmul(Ut, tau), Vt) if n <= m else matmul(Ut, matmul(tau, Vt))
 
 
 def project_diagonal(A, Ustar, Vstar):
@@ -15,8 +17,8 @@ def project_diagonal(A, Ustar, Vstar):
     the cheaper order)."""
     m, n = A.shape[-2:]
     if n <= m:
-        return (Ustar.mT @ A).mul_(Vstar).sum(dim=-1)
-    return (A @ Vstar.mT).mul_(Ustar).sum(dim=-2)
+        return matmul(Ustar.mT, A).mul_(Vstar).sum(dim=-1)
+    return matmul(A, Vstar.mT).mul_(Ustar).sum(dim=-2)
 
 
 def project_and_mask(tau, Ustar, Vstar, variant, trim_multiplier, trim_per_task):
@@ -52,12 +54,13 @@ def project_and_mask(tau, Ustar, Vstar, variant, trim_multiplier, trim_per_task)
 def reconstruct(Ustar, S, Vstar, base, alpha, out_dtype):
     """See ops.reconstruct; S [B, p, q], or its diagonal [B, p]."""
     if S.ndim == 2:
-        out = (Ustar * S[:, None, :]) @ Vstar
+        out = matmul(Ustar * S[:, None, :], Vstar)
     else:
         # (Ustar S) Vstar costs m p q + m q n, Ustar (S Vstar) p q n + m p n: SCORE's tall keys
         # (m = 4p) take the second at 0.6x the work
         (m, p), (q, n) = Ustar.shape[-2:], Vstar.shape[-2:]
-        out = (Ustar @ S) @ Vstar if m * q * (p + n) <= n * p * (q + m) else Ustar @ (S @ Vstar)
+        cheaper_left = m * q * (p + n) <= n * p * (q + m)
+        out = matmul(matmul(Ustar, S), Vstar) if cheaper_left else matmul(Ustar, matmul(S, Vstar))
     if base is not None:
         out = torch.add(base.to(out.dtype), out, alpha=alpha)
     return out.to(out_dtype)
