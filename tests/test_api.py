@@ -6,6 +6,7 @@ import torch
 
 import scoremerge
 from scoremerge import BackendUnavailableError, MergeInputError
+from scoremerge.methods import get
 
 from conftest import random_task_vectors, rel_err
 
@@ -52,6 +53,26 @@ def test_task_vectors_are_at_least_float32():
     base, experts = models(dtype=torch.bfloat16)
     tvs = scoremerge.task_vectors(base, experts)
     assert set(tvs[0]) == set(SHAPES) and tvs[0]["w"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("method", ["mean", "task_arithmetic", "ties", "magmax", "tsv", "iso_c",
+                                    "iso_cts", "score"])
+def test_experts_of_different_dtypes_merge_as_the_reference_does(method):
+    """A bfloat16 base with bfloat16, float64 and float32 experts: each task vector promotes on
+    its own, and the merge keeps the base's dtype; the result is the per-key reference's (entry-wise methods to the bit, the SVD methods within
+    one bfloat16 rounding of it)."""
+    base, experts = models(dtype=torch.bfloat16)
+    experts = [{k: v.to(dtype) if v.is_floating_point() else v for k, v in e.items()}
+               for e, dtype in zip(experts, (torch.bfloat16, torch.float64, torch.float32))]
+    got = scoremerge.merge(base, experts, method)
+    want = scoremerge.merge(base, experts, method, backend="reference")
+    for k in SHAPES:
+        assert got[k].dtype == torch.bfloat16
+        if get(method).kind == "matrix":
+            ulp = 2.0 ** -7 * want[k].float().abs()
+            assert ((got[k].float() - want[k].float()).abs() <= ulp).all(), k
+        else:
+            assert torch.equal(got[k], want[k]), k
 
 
 def test_compute_dtype_option():

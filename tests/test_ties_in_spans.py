@@ -61,11 +61,17 @@ def finetuned(base, seed, scale=0.02):
             if v.is_floating_point() else v.clone() for k, v in base.items()}
 
 
-@pytest.fixture(params=[torch.bfloat16, torch.float32, torch.float64],
-                ids=["bf16", "fp32", "fp64"])
+@pytest.fixture(params=[torch.bfloat16, torch.float32, torch.float64, "mixed"],
+                ids=["bf16", "fp32", "fp64", "mixed"])
 def checkpoints(request, tmp_path):
-    base = model(0, request.param)
+    """Base and experts in one dtype, or (mixed) a bf16 base with bf16, float64 and float32
+    experts: each expert's task vector promotes on its own (api._tau_dtype)."""
+    mixed = request.param == "mixed"
+    base = model(0, torch.bfloat16 if mixed else request.param)
     experts = [finetuned(base, s) for s in (1, 2, 3)]
+    if mixed:
+        experts = [{k: v.to(dtype) if v.is_floating_point() else v for k, v in e.items()}
+                   for e, dtype in zip(experts, (torch.bfloat16, torch.float64, torch.float32))]
     paths = [save_state_dict(sd, tmp_path / f"m{i}.safetensors")
              for i, sd in enumerate([base] + experts)]
     return paths[0], paths[1:]
