@@ -100,13 +100,9 @@ class _TiesInSpans:
         tensor in dtype, or None."""
         ranking = rank_streamed(key, read, spans, n, _densities(options["density"], n_tasks),
                                 options["trim"], dtype, device)
-        zero_sign = options["zero_sign"]
-        if zero_sign != "zero":
-            tasks = list(range(n_tasks))
-            ranking.majority = majority_sign(zero_sign, 0 if zero_sign == "plus" else sum(
-                _chunk_votes(ranking, key, read(tasks, lo, hi), lo, weights)
-                for lo, hi in spans))
-        return ranking
+        tasks = list(range(n_tasks))
+        return _with_majority(ranking, options["zero_sign"], weights,
+                              ((key, read(tasks, lo, hi), lo) for lo, hi in spans))
 
     @staticmethod
     def merge(taus, ranking, start, options, weights=None):
@@ -167,9 +163,9 @@ def _ties_scope(taus, density, disjoint, zero_sign, trim, weights):
         at += x[0].numel()
     ranking = rank_in_memory(flat, _densities(density, flat.shape[0]), trim, offsets)
     del flat
-    if zero_sign != "zero":         # a first pass, so the kept values are never all held at once
-        ranking.majority = majority_sign(zero_sign, 0 if zero_sign == "plus" else sum(
-            _chunk_votes(ranking, key, x.flatten(1), 0, weights) for key, x in taus.items()))
+    # the vote is a first pass, so the kept values are never all held at once
+    _with_majority(ranking, zero_sign, weights,
+                   ((key, x.flatten(1), 0) for key, x in taus.items()))
     return {key: _merged_in_chunks(ranking, key, x, 0, disjoint, weights)
             for key, x in taus.items()}
 
@@ -181,6 +177,15 @@ def per_task(weights, x):
 
 def _densities(density, n_tasks):
     return density if isinstance(density, tuple) else (density,) * n_tasks
+
+
+def _with_majority(ranking, zero_sign, weights, pieces):
+    """ranking, its majority sign set for zero_sign "plus" or "majority": the latter's vote is
+    counted over pieces, (key, x [T, L], start) triples that cover the scope, read only then."""
+    if zero_sign != "zero":
+        ranking.majority = majority_sign(zero_sign, 0 if zero_sign == "plus" else sum(
+            _chunk_votes(ranking, key, x, start, weights) for key, x, start in pieces))
+    return ranking
 
 
 def _chunk_votes(ranking, key, x, start, weights):
