@@ -12,7 +12,8 @@ machine where the measured margin is narrow).
 
 oneDNN accumulates in another order: its products' error against float64 was 1.5-2.2x MKL's
 here (3.7e-7..5.7e-7 against 2.5e-7, relative Frobenius), both within float32's bound; the
-routes' own error tests hold with either library (tests/test_cpu_matmul.py).
+float32 route's error tests run with each library (tests/test_linalg_cpu.py), the products' own
+in tests/test_cpu_matmul.py.
 """
 import itertools
 import os
@@ -67,11 +68,12 @@ def chosen_by():
 
 
 def _takes(a, b):
-    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
-    return (a.device.type == "cpu" and b.device.type == "cpu"
+    if not (a.ndim >= 2 and b.ndim >= 2 and a.device.type == "cpu" and b.device.type == "cpu"
             and a.dtype == torch.float32 and b.dtype == torch.float32
-            and a.ndim >= 2 and b.ndim >= 2 and not (a.requires_grad or b.requires_grad)
-            and max(m, n) >= _MIN_ROWS and m * k * n >= _MIN_WORK)
+            and not (a.requires_grad or b.requires_grad)):
+        return False
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    return max(m, n) >= _MIN_ROWS and m * k * n >= _MIN_WORK
 
 
 def _linear(x, w):
@@ -82,8 +84,9 @@ def _linear(x, w):
 def _dense(t):
     """t, or a contiguous copy where t is neither contiguous nor a contiguous matrix's transpose:
     oneDNN runs both layouts at full speed but takes its reference loop for other strides (a
-    sliced 768 x 500 weight: 72 s for what took 18 ms), and a transposing copy costs (torch's,
-    batched: 10 ms per 3072 x 768 float32 matrix, half a product with it)."""
+    sliced 768 x 500 weight: 72 s for what took 18 ms). Transposes are not copied: torch's
+    transposing copy of a 3072 x 768 float32 matrix took 8-10 ms inside a batch, half a
+    product with it (one thread, measured)."""
     if t.is_contiguous() or (t.ndim == 2 and t.mT.is_contiguous()):
         return t
     return t.contiguous()

@@ -4,7 +4,10 @@ Why: a Gram matrix is symmetric, but a matrix product computes both triangles; t
 syrk. Four block rows (X_i^T X[:, a_i:], the rest mirrored) do 10/16 of the product's work and
 measured 0.70x its time (one thread, X [4, 3072, 768] float32: 51.5 ms against 73.4 ms on the
 Intel Xeon, 100 ms against 155 ms on the AMD EPYC; two block rows 0.81x, three 0.72x). Below
-_MIN_WIDTH the narrower products lose what the triangle saves.
+_MIN_WIDTH the narrower products lose what the triangle saves. With oneDNN's products
+(cpu_matmul.py) the block rows' column slices are copied first, and on the EPYC they took
+101 ms against the whole product's 96 ms (one-off): no gain there, none lost worth a second
+code path.
 """
 
 from ..cpu_matmul import matmul
