@@ -239,3 +239,11 @@ def test_the_block_row_gram_matrix_is_symmetric_and_as_accurate_as_the_product(b
     plain = X.to(dtype).mT @ X.to(dtype)
     for i in range(b):
         assert rel_err(got[i], answer[i]) <= 2 * rel_err(plain[i], answer[i]) + 1e-15
+
+
+def test_declined_polar_factors_are_the_references_to_the_bit():
+    """Items past the guards get float32 SVD and torch's own product, as ref.linalg.polar does,
+    whichever library the route's other products take."""
+    g = torch.Generator().manual_seed(11)
+    A = torch.randn(2, 401, 297, generator=g)
+    assert torch.equal(mixed.polar_reference(A), ref.linalg.polar(A))

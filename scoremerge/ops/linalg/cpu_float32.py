@@ -223,9 +223,11 @@ def _polar32(A, tall):
 
 
 def polar_reference(X):
-    """The reference's polar factor (naive.polar): P Q from float32 SVD X = P S Q."""
+    """The reference's polar factor (naive.polar): P Q from float32 SVD X = P S Q, with torch's
+    own product, so that the items this route declines get exactly the reference's result
+    (the product is 5% of the SVD's time)."""
     P, _, Q = torch.linalg.svd(X, full_matrices=False)
-    return matmul(P, Q)
+    return P @ Q
 
 
 def polar(A):
