@@ -225,7 +225,7 @@ def _polar32(A, tall):
 def polar_reference(X):
     """The reference's polar factor (naive.polar): P Q from float32 SVD X = P S Q, with torch's
     own product, so that the items this route declines get exactly the reference's result
-    (the product is 5% of the SVD's time)."""
+    (768 x 768: the product 10 ms against the SVD's 131 ms, one thread, one-off)."""
     P, _, Q = torch.linalg.svd(X, full_matrices=False)
     return P @ Q
 
