@@ -102,12 +102,8 @@ def float64_gram():
 @contextlib.contextmanager
 def mkl_products():
     """scoremerge with every float32 CPU product in torch's MKL (before ops/cpu_matmul.py)."""
-    chosen = cpu_matmul.library()
-    cpu_matmul._chosen = "mkl"
-    try:
+    with cpu_matmul.using("mkl"):
         yield
-    finally:
-        cpu_matmul._chosen = chosen
 
 
 PREVIOUS = {"mkl_products": mkl_products, "float64_gram": float64_gram}

@@ -121,3 +121,16 @@ def test_a_wrong_onednn_result_is_not_chosen(monkeypatch):
     real = cpu_matmul._linear
     monkeypatch.setattr(cpu_matmul, "_linear", lambda x, w: real(x, w) * 1.001)
     assert not cpu_matmul._onednn_works()
+
+
+def test_using_sets_the_library_for_a_block_and_restores_the_choice(monkeypatch):
+    monkeypatch.setattr(cpu_matmul, "_chosen", "onednn")
+    with pytest.raises(KeyError):
+        with cpu_matmul.using("mkl"):
+            assert cpu_matmul.library() == "mkl"
+            raise KeyError("inside")
+    assert cpu_matmul.library() == "onednn"
+    with pytest.raises(ValueError, match="'openblas'.*mkl, onednn"):
+        with cpu_matmul.using("openblas"):
+            pass
+    assert cpu_matmul.library() == "onednn"

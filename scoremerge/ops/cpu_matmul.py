@@ -15,6 +15,7 @@ here (3.7e-7..5.7e-7 against 2.5e-7, relative Frobenius), both within float32's 
 float32 route's error tests run with each library (tests/test_linalg_cpu.py), the products' own
 in tests/test_cpu_matmul.py.
 """
+import contextlib
 import itertools
 import os
 import threading
@@ -59,6 +60,24 @@ def library():
             if _chosen is None:
                 _chosen = _choose()
     return _chosen
+
+
+@contextlib.contextmanager
+def using(name):
+    """Products take library `name` inside the block, whatever this process chose: for
+    benchmarks that time one library against the other in one process. Not for use while
+    other threads multiply."""
+    global _chosen
+    if name not in LIBRARIES:
+        raise ValueError(f"library {name!r}: expected one of {', '.join(LIBRARIES)}")
+    if name == "onednn" and not _onednn_works():
+        raise RuntimeError("this torch has no working oneDNN linear op on this CPU")
+    before = library()
+    _chosen = name
+    try:
+        yield
+    finally:
+        _chosen = before
 
 
 def chosen_by():
