@@ -3,17 +3,18 @@
 Why: torch multiplies float32 matrices on a CPU with MKL, and MKL runs its AVX2 kernels on a CPU
 that is not Intel's. On the 2-core AMD EPYC (Zen 5, AVX-512) MKL's sgemm ran at about 90
 GFLOP/s per thread and oneDNN's, behind torch's linear op, at 150-185 on the products of the SVD
-routes (one thread, 3072 x 768 and 768 x 768 operands, conversions included, measured). On an
-Intel CPU MKL runs its AVX-512 kernels already. So the library is chosen by measurement, once
-per process: the first large float32 product times both on one 768^3 product and takes oneDNN
-only where it is clearly faster and agrees with MKL. SCOREMERGE_CPU_MATMUL=mkl or =onednn fixes
-the choice (the two round differently, so a fixed choice makes reruns repeat bit for bit on a
-machine where the measured margin is narrow).
+routes (one thread, 3072 x 768 and 768 x 768 operands, conversions included, measured). On a
+Zen 3 EPYC (AVX2 only) MKL was the faster, 10.2 ms against 13.6 for 768^3 (one thread, one-off),
+and on an Intel CPU MKL runs its AVX-512 kernels already. So the library is chosen by
+measurement, once per process: the first large float32 product times both on one 768^3 product
+and takes oneDNN only where it is clearly faster and agrees with MKL. SCOREMERGE_CPU_MATMUL=mkl
+or =onednn fixes the choice (the two round differently, so a fixed choice makes reruns repeat
+bit for bit on a machine where the measured margin is narrow).
 
 oneDNN accumulates in another order: its products' error against float64 was 1.5-2.2x MKL's
-here (3.7e-7..5.7e-7 against 2.5e-7, relative Frobenius), both within float32's bound; the
-float32 route's error tests run with each library (tests/test_linalg_cpu.py), the products' own
-in tests/test_cpu_matmul.py.
+on the Zen 5 EPYC (3.7e-7..5.7e-7 against 2.5e-7, relative Frobenius), both within float32's
+bound; the float32 route's error tests run with each library (tests/test_linalg_cpu.py), the
+products' own in tests/test_cpu_matmul.py.
 """
 import contextlib
 import itertools
