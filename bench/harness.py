@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from scoremerge.doctor.environment import cpu_name
+from scoremerge.doctor.environment import cpu_description, cpu_name
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -104,20 +104,4 @@ def machine_state():
 
 
 def cpu_model():
-    """The CPU's name, generation and vector width, and the core count: "AMD EPYC" alone named
-    two machines here whose ratios differ (Zen 3 with AVX2, Zen 5 with AVX-512)."""
-    facts = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                facts.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    flags = facts.get("flags", "").split()
-    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
-    generation = ", ".join(x for x in (
-        "family {} model {}".format(facts["cpu family"], facts["model"])
-        if "cpu family" in facts and "model" in facts else None, vector) if x)
-    return f"{cpu_name()} ({generation}) x {os.cpu_count()}" if generation else \
-        f"{cpu_name()} x {os.cpu_count()}"
+    return f"{cpu_description()} x {os.cpu_count()}"

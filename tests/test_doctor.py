@@ -15,7 +15,7 @@ import torch
 
 import scoremerge
 from scoremerge import BackendUnavailableError, backend, cli, ops
-from scoremerge.doctor import bench, checks, environment
+from scoremerge.doctor import bench, checks, environment, report
 from scoremerge.doctor.cases import CASES
 
 from scoremerge.ops.linalg import batched as torch_linalg
@@ -178,6 +178,26 @@ def test_without_the_interpreter_triton_is_listed_with_why(monkeypatch):
 def test_asking_for_a_gpu_on_a_cpu_machine_exits_2(capsys):
     assert cli.main(["doctor", "--device", "cuda"]) == 2
     assert "torch sees no CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fields, generation", [
+    ({"model name": "AMD EPYC", "cpu family": "25", "model": "1", "flags": "fpu avx avx2 fma"},
+     "family 25 model 1, AVX2"),
+    ({"model name": "AMD EPYC", "cpu family": "26", "model": "2", "flags": "avx2 avx512f"},
+     "family 26 model 2, AVX-512"),
+    ({"model name": "Neoverse", "flags": "fp asimd"}, ""),
+])
+def test_the_cpu_is_named_with_its_generation_and_vector_width(monkeypatch, fields, generation):
+    """Two development machines were both "AMD EPYC", a generation apart; doctor's device line
+    and the records tell them apart by family, model and vector width where cpuinfo gives them."""
+    monkeypatch.setattr(environment, "_cpuinfo", lambda: fields)
+    assert environment.cpu_generation() == generation
+    name = fields["model name"]
+    assert environment.cpu_description() == (f"{name} ({generation})" if generation else name)
+    facts = environment.device_facts(CPU)
+    line = report._device_text(facts)
+    assert line.startswith(f"{name} CPU") and (generation in line) and line.endswith("threads")
+    assert ("(" in line) == bool(generation)
 
 
 def test_the_fatbin_reader_agrees_with_cuobjdump():

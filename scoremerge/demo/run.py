@@ -10,7 +10,7 @@ import torch
 
 from .. import api
 from .._version import __version__
-from ..doctor.environment import cpu_name
+from ..doctor.environment import cpu_description
 from ..errors import MergeInputError
 from .checkpoints import default_cache_dir
 from .experiment import run_experiment
@@ -102,7 +102,7 @@ def run_demo(config, out="runs/demo", cache_dir=DEFAULT_CACHE, retrain=False, lo
 
 def _environment(device):
     dev = torch.device(device)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_description()
     return {"scoremerge": __version__, "torch": torch.__version__, "python": platform.python_version(),
             "device": name, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}

@@ -75,19 +75,47 @@ def cpu_name():
     """The CPU's model name as /proc/cpuinfo gives it ("AMD EPYC"), else platform's word for
     the machine: records say which CPU their numbers come from (platform.processor() is empty
     on Linux)."""
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine() or "cpu"
+
+
+def cpu_generation():
+    """The CPU's family and model numbers and its widest vector instructions, as /proc/cpuinfo
+    gives them ("family 25 model 1, AVX2"), or "" where it gives none. "AMD EPYC" alone named
+    two development machines a generation apart (Zen 3 with AVX2, Zen 5 with AVX-512) whose
+    faster product library and benchmark ratios differ."""
+    facts = _cpuinfo()
+    flags = facts.get("flags", "").split()
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
+    numbers = f"family {facts['cpu family']} model {facts['model']}" \
+        if "cpu family" in facts and "model" in facts else ""
+    return ", ".join(x for x in (numbers, vector) if x)
+
+
+def cpu_description():
+    """cpu_name() with cpu_generation() in brackets where there is one."""
+    generation = cpu_generation()
+    return f"{cpu_name()} ({generation})" if generation else cpu_name()
+
+
+def _cpuinfo():
+    """The first processor's fields in /proc/cpuinfo, {} where there is none."""
+    facts = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                facts.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "cpu"
+    return facts
 
 
 def device_facts(device):
     if device.type != "cuda":
-        return {"name": cpu_name(), "type": device.type, "threads": torch.get_num_threads()}
+        return {"name": cpu_name(), "generation": cpu_generation(), "type": device.type,
+                "threads": torch.get_num_threads()}
     props = torch.cuda.get_device_properties(device)
     return {"name": props.name, "type": "cuda", "capability": f"sm_{props.major}{props.minor}",
             "memory_GB": round(props.total_memory / 1e9, 1),

@@ -132,7 +132,8 @@ def _cell(result):
 def _device_text(device):
     if device["type"] == "cuda":
         return f"{device['name']} ({device['capability']}, {device['memory_GB']} GB)"
-    return f"{device['name']} CPU, {device['threads']} threads"
+    generation = f" ({device['generation']})" if device.get("generation") else ""
+    return f"{device['name']} CPU{generation}, {device['threads']} threads"
 
 
 def _or_dash(value):
