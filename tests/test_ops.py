@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from scoremerge import BackendUnavailableError, ops, ref
+from scoremerge.ops.projection import batched as projection_batched
 
 from conftest import rel_err
 
@@ -94,6 +95,26 @@ def test_project_and_mask_in_float32_is_as_accurate_as_the_reference(variant, m,
         answer = ref.project_and_mask(tau[b], Ustar[b], Vstar[b], **options)
         plain = ref.project_and_mask(tau[b].float(), Ustar[b].float(), Vstar[b].float(), **options)
         assert rel_err(got[b], answer) <= 2 * rel_err(plain, answer), b
+
+
+@pytest.mark.parametrize("variant, tasks_seen", [("full", 3), ("offdiag", 3), ("diag", 1),
+                                                 ("untrimmed", 1)])
+def test_diag_and_untrimmed_reach_the_backend_as_the_task_sum(variant, tasks_seen, monkeypatch):
+    """ops.project_and_mask, not each backend, sums the tasks for the variants that read only
+    their sum: the backend gets tau [B, 1, m, n], the sum itself."""
+    seen = []
+    real = projection_batched.project_and_mask
+
+    def spy(tau, *args):
+        seen.append(tau.clone())
+        return real(tau, *args)
+    monkeypatch.setattr(projection_batched, "project_and_mask", spy)
+    tau = randn(2, 3, 9, 7, seed=4)
+    Ustar, Vstar = ops.polar(randn(2, 9, 5, seed=5)), ops.polar(randn(2, 5, 7, seed=6))
+    ops.project_and_mask(tau, Ustar, Vstar, variant=variant, backend="torch")
+    assert seen[0].shape[1] == tasks_seen
+    if tasks_seen == 1:
+        assert torch.equal(seen[0][:, 0], tau.sum(dim=1))
 
 
 def test_reconstruct_with_base_alpha_and_cast():

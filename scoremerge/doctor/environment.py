@@ -3,6 +3,7 @@ and the libraries its kernels load at run time. Nothing here raises: a missing p
 sentence saying what is missing."""
 import ctypes
 import ctypes.util
+import functools
 import importlib.metadata
 import importlib.util
 import os
@@ -97,8 +98,10 @@ def cpu_description():
     return f"{cpu_name()} ({generation})" if generation else cpu_name()
 
 
+@functools.cache
 def _cpuinfo():
-    """The first processor's fields in /proc/cpuinfo, {} where there is none."""
+    """The first processor's fields in /proc/cpuinfo, {} where there is none; read once (the
+    name and the generation both come from it, and it does not change)."""
     facts = {}
     try:
         with open("/proc/cpuinfo") as f:

@@ -40,6 +40,10 @@ def project_and_mask(tau, Ustar, Vstar, *, variant="full", trim_multiplier=1.96,
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     check_precision(precision)
+    if variant in ("untrimmed", "diag") and T > 1:
+        # these read the projections only through their sum over tasks, and projecting is
+        # linear: every backend projects the task sum once instead of each of the T tasks
+        tau = tau.sum(dim=1, keepdim=True)
 
     return run("project_and_mask", backend, tau.device, {
         "triton": lambda: _triton().project_and_mask(tau, Ustar, Vstar, variant, trim_multiplier,

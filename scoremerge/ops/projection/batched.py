@@ -25,10 +25,9 @@ def project_and_mask(tau, Ustar, Vstar, variant, trim_multiplier, trim_per_task)
     """S [B, p, p] summed over tasks; see ops.project_and_mask."""
     T = tau.shape[1]
     if variant in ("untrimmed", "diag"):
-        # these read the projections only through their sum over tasks, and projecting is
-        # linear: one projection of the task sum instead of T (SCORE diag, T = 3, one ViT-B
-        # block: the projection's products drop from T (2mnp + 2p^2 n) to 2mnp)
-        A = tau.sum(dim=1)
+        # ops.project_and_mask hands these the task sum (T = 1); diag then needs the diagonal
+        # alone, 2mnp flops where the whole projection takes 2mnp + 2p^2 n
+        A = tau[:, 0] if T == 1 else tau.sum(dim=1)
         if variant == "untrimmed":
             return project(A[:, None], Ustar, Vstar)[:, 0]
         return torch.diag_embed(project_diagonal(A, Ustar, Vstar))

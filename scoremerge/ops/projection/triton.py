@@ -82,11 +82,8 @@ def project(tau, Ustar, Vstar, precision, partial=None):
 
 def project_and_mask(tau, Ustar, Vstar, variant, trim_multiplier, trim_per_task,
                      precision="ieee"):
-    """S [B, p, p]; the arguments as ops.project_and_mask."""
-    if variant in ("untrimmed", "diag") and tau.shape[1] > 1:
-        # as in batched.py: these read the projections only through their sum over tasks, and
-        # projecting is linear, so the task sum is projected once instead of each task
-        tau = tau.sum(dim=1, keepdim=True)
+    """S [B, p, p]; the arguments as ops.project_and_mask (which hands the diag and untrimmed
+    variants the task sum)."""
     B, T, m, n = tau.shape
     p = Ustar.shape[-1]
     if p == 1 and variant in ("full", "offdiag"):     # no off-diagonal entries to mask
